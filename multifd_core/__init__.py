@@ -1,0 +1,44 @@
+"""multifd: QEMU-compatible multifd memory migration over parallel channels, in trio."""
+
+from __future__ import annotations
+
+from .errors import *  # noqa: F403
+from .errors import MultiFDError
+from .hookspecs import hookimpl
+from .methods import (
+    MethodInfo,
+    MethodRegistry,
+    MultiFDMethod,
+    RecvContext,
+    SendContext,
+    load_methods,
+)
+from .ram import RAMBlock
+from .transport import (
+    Acceptor,
+    MemoryNetwork,
+    open_tcp_acceptor,
+    open_unix_acceptor,
+    tcp_connector,
+    unix_connector,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Acceptor",
+    "MemoryNetwork",
+    "MethodInfo",
+    "MethodRegistry",
+    "MultiFDError",
+    "MultiFDMethod",
+    "RAMBlock",
+    "RecvContext",
+    "SendContext",
+    "hookimpl",
+    "load_methods",
+    "open_tcp_acceptor",
+    "open_unix_acceptor",
+    "tcp_connector",
+    "unix_connector",
+]

@@ -1,0 +1,167 @@
+"""The library's exceptions: every failure surfaces as one of these.
+
+A leaf module: everyone may import it, it imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+
+class MultiFDError(Exception):
+    """Base of every error this library raises."""
+
+
+# --- configuration and plugins -------------------------------------------------------------
+
+
+class ConfigError(MultiFDError, ValueError):
+    """A bad argument from the embedding program (channel count, page size, block name, ...)."""
+
+
+class PluginError(MultiFDError):
+    """A compression plugin could not be used."""
+
+
+class PluginLoadError(PluginError):
+    """A plugin's entry point failed to import or returned something unusable."""
+
+
+class PluginConflictError(PluginError):
+    """Two plugins claim the same compression value or name."""
+
+
+class UnknownMethodError(PluginError, KeyError):
+    """No installed plugin provides the requested compression method."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown compression method"
+
+
+# --- bad input from the peer ---------------------------------------------------------------
+
+
+class ProtocolError(MultiFDError):
+    """The peer sent something that breaks the protocol.
+
+    ``channel`` is the multifd channel id (None for the main channel or before the handshake),
+    ``packet_num`` the packet number of the offending packet when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        channel: int | None = None,
+        packet_num: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.channel = channel
+        self.packet_num = packet_num
+
+    def __str__(self) -> str:
+        where = []
+        if self.channel is not None:
+            where.append(f"channel {self.channel}")
+        if self.packet_num is not None:
+            where.append(f"packet {self.packet_num}")
+        return f"{', '.join(where)}: {self.message}" if where else self.message
+
+    def located(self, *, channel: int | None = None, packet_num: int | None = None) -> ProtocolError:
+        """Fill in where the error happened (keeps what is already known)."""
+        if self.channel is None:
+            self.channel = channel
+        if self.packet_num is None:
+            self.packet_num = packet_num
+        return self
+
+
+class BadMagic(ProtocolError):
+    """Wrong magic number in an init packet, packet header or main stream."""
+
+
+class BadVersion(ProtocolError):
+    """Unsupported protocol or stream version."""
+
+
+class BadFlags(ProtocolError):
+    """Unknown flag bits in a packet header."""
+
+
+class CompressionMismatch(ProtocolError):
+    """A packet's compression bits differ from the negotiated method."""
+
+
+class BadPagesAlloc(ProtocolError):
+    """pages_alloc exceeds this side's maximum pages per packet."""
+
+
+class BadNormalPages(ProtocolError):
+    """normal_pages exceeds pages_alloc."""
+
+
+class UnknownBlock(ProtocolError):
+    """A packet or record names a RAM block this side does not have."""
+
+
+class BadOffset(ProtocolError):
+    """A page offset that is unaligned or outside its block."""
+
+
+class BadPacketSize(ProtocolError):
+    """next_packet_size inconsistent with the pages and method."""
+
+
+class BadChannelId(ProtocolError):
+    """A channel id outside 0..N-1."""
+
+
+class DuplicateChannel(ProtocolError):
+    """Two channels announced the same id."""
+
+
+class UuidMismatch(ProtocolError):
+    """A channel's uuid differs from the migration's."""
+
+
+class DecompressionError(ProtocolError):
+    """A payload that does not decompress to exactly the declared pages."""
+
+
+class MainStreamError(ProtocolError):
+    """A malformed main migration stream (QEMU's savevm format)."""
+
+
+class BlockMismatch(ProtocolError):
+    """The source's block list does not fit the destination's blocks."""
+
+
+class SyncError(ProtocolError):
+    """Channels and the main stream disagree about sync rounds."""
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+class ChannelError(MultiFDError):
+    """A channel failed: closed early, reset, or broken."""
+
+    def __init__(self, message: str, *, channel: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.channel = channel
+
+    def __str__(self) -> str:
+        name = "main channel" if self.channel is None else f"channel {self.channel}"
+        return f"{name}: {self.message}"
+
+
+class ChannelClosed(ChannelError):
+    """The peer closed a channel before the migration ended."""
+
+
+class MigrationTimeout(MultiFDError):
+    """A wait on the peer exceeded its bound."""
+
+
+class IncompleteMigration(MultiFDError):
+    """The migration ended before every block was complete."""

@@ -1,0 +1,127 @@
+"""RAM blocks: named memory of fixed-size pages, with the dirty-page bitmap the app marks.
+
+QEMU's RAMBlock, reduced to what migration needs. The backing memory is any writable buffer
+(bytearray, mmap of a file, a numpy array, ...); the block keeps a memoryview of it and never
+copies it. The dirty bitmap holds one byte per page so that finding dirty pages is a C-level
+``bytearray.find``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import ConfigError
+from .wire import check_page_size, encode_block_name
+
+ZERO_PAGE_CACHE: dict[int, bytes] = {}
+
+
+def zero_page(page_size: int) -> bytes:
+    page = ZERO_PAGE_CACHE.get(page_size)
+    if page is None:
+        page = ZERO_PAGE_CACHE[page_size] = bytes(page_size)
+    return page
+
+
+class RAMBlock:
+    """A named block of pages backed by a writable buffer.
+
+    ``memory`` must be a writable, C-contiguous buffer whose size is a multiple of ``page_size``.
+    """
+
+    def __init__(self, name: str, memory: Any, page_size: int = 4096) -> None:
+        encode_block_name(name)
+        check_page_size(page_size)
+        mv = memoryview(memory)
+        if mv.readonly:
+            raise ConfigError(f"block {name!r}: memory is read-only")
+        if not mv.c_contiguous:
+            raise ConfigError(f"block {name!r}: memory is not contiguous")
+        mv = mv.cast("B")
+        if len(mv) == 0 or len(mv) % page_size:
+            raise ConfigError(
+                f"block {name!r}: size {len(mv)} is not a positive multiple of page size "
+                f"{page_size}"
+            )
+        self.name = name
+        self.memory = memory
+        self.host = mv
+        self.size = len(mv)
+        self.page_size = page_size
+        self.npages = self.size // page_size
+        self._dirty = bytearray(self.npages)
+
+    def __repr__(self) -> str:
+        return f"RAMBlock({self.name!r}, size={self.size}, page_size={self.page_size})"
+
+    @classmethod
+    def allocate(cls, name: str, size: int, page_size: int = 4096) -> RAMBlock:
+        """A zero-filled anonymous block (an anonymous mmap: pages cost nothing until touched)."""
+        if size <= 0:
+            raise ConfigError(f"block {name!r}: size {size} must be positive")
+        return cls(name, mmap.mmap(-1, size), page_size)
+
+    @classmethod
+    def from_file(cls, name: str, path: str | os.PathLike[str], size: int | None = None,
+                  page_size: int = 4096, *, create: bool = False) -> RAMBlock:
+        """A block backed by a shared mapping of a file (created/resized to ``size`` if given)."""
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        fd = os.open(path, flags, 0o644)
+        try:
+            if size is not None:
+                os.ftruncate(fd, size)
+            length = os.fstat(fd).st_size
+            if length == 0:
+                raise ConfigError(f"block {name!r}: file {os.fspath(path)!r} is empty")
+            mem = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return cls(name, mem, page_size)
+
+    def close(self) -> None:
+        """Release the memoryview and close an mmap backing (flushing a file mapping)."""
+        self.host.release()
+        if isinstance(self.memory, mmap.mmap):
+            self.memory.close()
+
+    # --- pages ----------------------------------------------------------------------------
+
+    def page(self, offset: int) -> memoryview:
+        return self.host[offset : offset + self.page_size]
+
+    def is_zero_page(self, offset: int) -> bool:
+        ps = self.page_size
+        return self.host[offset : offset + ps] == zero_page(ps)
+
+    # --- dirty tracking (the app marks, migration collects) --------------------------------
+
+    def mark_dirty(self, offset: int, length: int = 1) -> None:
+        """Mark every page touching ``[offset, offset + length)`` dirty."""
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            raise ConfigError(f"block {self.name!r}: range {offset}+{length} outside the block")
+        first = offset // self.page_size
+        last = (offset + length - 1) // self.page_size
+        self._dirty[first : last + 1] = b"\1" * (last - first + 1)
+
+    def mark_all_dirty(self) -> None:
+        self._dirty[:] = b"\1" * self.npages
+
+    def dirty_count(self) -> int:
+        return self._dirty.count(1)
+
+    def sync_dirty_bitmap(self) -> bytearray:
+        """Take the dirty bitmap and start a fresh one (QEMU's migration_bitmap_sync)."""
+        taken, self._dirty = self._dirty, bytearray(self.npages)
+        return taken
+
+
+def iter_dirty(bitmap: bytearray, page_size: int) -> Iterator[int]:
+    """Yield the byte offsets of the pages set in ``bitmap``, in order (C-level search)."""
+    find = bitmap.find
+    i = find(1)
+    while i >= 0:
+        yield i * page_size
+        i = find(1, i + 1)

@@ -1,0 +1,273 @@
+"""Moving bytes: connecting and accepting channels, and fast reads and writes on them.
+
+A *connector* is an async callable returning a new ``trio.abc.Stream`` (one call per channel,
+main channel first); an *acceptor* is an async callable returning the next incoming stream. TCP
+and unix sockets get a zero-copy path: scatter-gather ``sendmsg`` of header and page memoryviews,
+and ``recv_into`` straight into the destination's pages. Any other trio stream (memory streams,
+TLS) works through ``send_all`` / ``receive_some``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket as _stdsocket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+import trio.testing
+
+from .errors import ChannelClosed, ChannelError
+
+Buffer = bytes | bytearray | memoryview
+Connector = Callable[[], Awaitable[trio.abc.Stream]]
+
+#: How much a generic stream may read ahead into the channel's own buffer.
+READ_CHUNK = 256 * 1024
+#: Linux IOV_MAX.
+_IOV_MAX = 1024
+
+
+# --- connecting -----------------------------------------------------------------------------
+
+
+def tcp_connector(host: str, port: int) -> Connector:
+    """Connect each channel with a new TCP connection to ``host:port``."""
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_tcp_stream(host, port)
+
+    return connect
+
+
+def unix_connector(path: str | os.PathLike[str]) -> Connector:
+    """Connect each channel with a new unix-socket connection to ``path``."""
+
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_unix_socket(os.fspath(path))
+
+    return connect
+
+
+class Acceptor:
+    """Accepts channels from one trio listener; ``await acceptor()`` returns the next stream."""
+
+    def __init__(self, listener: trio.abc.Listener[Any]) -> None:
+        self.listener = listener
+
+    async def __call__(self) -> trio.abc.Stream:
+        return await self.listener.accept()
+
+    @property
+    def address(self) -> Any:
+        sock = getattr(self.listener, "socket", None)
+        return sock.getsockname() if sock is not None else None
+
+    @property
+    def port(self) -> int:
+        addr = self.address
+        if not isinstance(addr, tuple):
+            raise AttributeError("not a TCP listener")
+        return int(addr[1])
+
+    async def aclose(self) -> None:
+        await self.listener.aclose()
+
+    async def __aenter__(self) -> Acceptor:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def open_tcp_acceptor(host: str, port: int = 0, *, backlog: int = 64) -> Acceptor:
+    """Listen on ``host:port`` (port 0 picks a free one: see ``Acceptor.port``)."""
+    listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
+    for extra in listeners[1:]:
+        await extra.aclose()
+    return Acceptor(listeners[0])
+
+
+async def open_unix_acceptor(path: str | os.PathLike[str], *, backlog: int = 64) -> Acceptor:
+    sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
+    try:
+        await sock.bind(os.fspath(path))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return Acceptor(trio.SocketListener(sock))
+
+
+class MemoryNetwork:
+    """In-process channels over trio memory streams, for tests and single-process demos.
+
+    ``connect`` creates a stream pair and hands the far end to ``accept``.
+    """
+
+    def __init__(self) -> None:
+        self._send, self._recv = trio.open_memory_channel[trio.abc.Stream](256)
+        self.opened: list[trio.abc.Stream] = []
+
+    async def connect(self) -> trio.abc.Stream:
+        near, far = trio.testing.memory_stream_pair()
+        self.opened += [near, far]
+        await self._send.send(far)
+        return near
+
+    async def accept(self) -> trio.abc.Stream:
+        return await self._recv.receive()
+
+
+# --- moving bytes ---------------------------------------------------------------------------
+
+
+def _closed_error(exc: BaseException) -> bool:
+    if isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (
+        errno.ECONNRESET,
+        errno.EPIPE,
+        errno.ECONNABORTED,
+        errno.ENOTCONN,
+    )
+
+
+class ChannelIO:
+    """Exact reads and gathered writes on one stream.
+
+    ``channel`` is the multifd channel id for error messages (None: the main channel).
+    """
+
+    def __init__(self, stream: trio.abc.Stream, channel: int | None = None) -> None:
+        self.stream = stream
+        self.channel = channel
+        self.sock: Any = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._pending = bytearray()  # bytes read ahead (generic streams) or pushed back
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    def _error(self, what: str, exc: BaseException | None = None) -> ChannelError:
+        if exc is None or _closed_error(exc):
+            return ChannelClosed(what, channel=self.channel)
+        return ChannelError(f"{what}: {exc}", channel=self.channel)
+
+    # sending
+
+    async def send_all(self, data: Buffer) -> None:
+        await self.send_parts((data,))
+
+    async def send_parts(self, parts: Sequence[Buffer]) -> None:
+        """Send ``parts`` back to back; sockets get one ``sendmsg`` per batch, no joining."""
+        total = sum(len(memoryview(p)) for p in parts)
+        try:
+            if self.sock is None:
+                await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+            else:
+                await self._sendmsg_all(parts)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._error("send failed, peer gone", exc) from exc
+        self.bytes_sent += total
+
+    async def _sendmsg_all(self, parts: Sequence[Buffer]) -> None:
+        views = [memoryview(p).cast("B") for p in parts]
+        i = 0
+        while i < len(views):
+            sent = await self.sock.sendmsg(views[i : i + _IOV_MAX])
+            while sent:
+                n = len(views[i])
+                if sent >= n:
+                    sent -= n
+                    i += 1
+                else:
+                    views[i] = views[i][sent:]
+                    sent = 0
+            while i < len(views) and not len(views[i]):
+                i += 1
+
+    # receiving
+
+    def unread(self, data: Buffer) -> None:
+        """Push bytes back to be read again first."""
+        self._pending[:0] = data
+
+    async def receive_some(self, max_bytes: int = READ_CHUNK) -> bytes:
+        """Up to ``max_bytes`` bytes; b"" at end of stream."""
+        if self._pending:
+            data = bytes(self._pending[:max_bytes])
+            del self._pending[:max_bytes]
+            return data
+        try:
+            data = await self.stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._error("receive failed", exc) from exc
+        self.bytes_received += len(data)
+        return bytes(data)
+
+    async def receive_into(self, view: memoryview, what: str = "data") -> None:
+        """Fill ``view`` exactly; ChannelClosed if the stream ends first."""
+        want = len(view)
+        pos = 0
+        if self._pending:
+            n = min(want, len(self._pending))
+            view[:n] = self._pending[:n]
+            del self._pending[:n]
+            pos = n
+        try:
+            if self.sock is not None:
+                recv_into = self.sock.recv_into
+                while pos < want:
+                    n = await recv_into(view[pos:])
+                    if not n:
+                        break
+                    pos += n
+                    self.bytes_received += n
+            else:
+                while pos < want:
+                    data = await self.stream.receive_some(min(READ_CHUNK, max(want - pos, 4096)))
+                    if not data:
+                        break
+                    self.bytes_received += len(data)
+                    take = min(len(data), want - pos)
+                    view[pos : pos + take] = data[:take]
+                    if take < len(data):
+                        self._pending += data[take:]
+                    pos += take
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._error(f"receive failed in {what}", exc) from exc
+        if pos < want:
+            if pos == 0:
+                raise ChannelClosed(f"closed by peer before {what}", channel=self.channel)
+            raise ChannelClosed(
+                f"closed by peer in the middle of {what} ({pos} of {want} bytes)",
+                channel=self.channel,
+            )
+
+    async def receive_exactly(self, n: int, what: str = "data") -> bytearray:
+        buf = bytearray(n)
+        await self.receive_into(memoryview(buf), what)
+        return buf
+
+    async def at_eof(self) -> bool:
+        """True when the peer has closed and nothing is left to read."""
+        data = await self.receive_some(1)
+        if data:
+            self.unread(data)
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    async def send_eof(self) -> None:
+        """Half-close our sending side when the stream supports it."""
+        if isinstance(self.stream, trio.abc.HalfCloseableStream):
+            try:
+                await self.stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
