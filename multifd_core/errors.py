@@ -66,7 +66,9 @@ class ProtocolError(MultiFDError):
             where.append(f"packet {self.packet_num}")
         return f"{', '.join(where)}: {self.message}" if where else self.message
 
-    def located(self, *, channel: int | None = None, packet_num: int | None = None) -> ProtocolError:
+    def located(
+        self, *, channel: int | None = None, packet_num: int | None = None
+    ) -> ProtocolError:
         """Fill in where the error happened (keeps what is already known)."""
         if self.channel is None:
             self.channel = channel

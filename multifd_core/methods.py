@@ -251,7 +251,9 @@ def load_methods(
                 first = other if other is not None else other_by_name
                 assert first is not None
                 what = (
-                    f"compression value {info.value}" if other is not None else f"name {info.name!r}"
+                    f"compression value {info.value}"
+                    if other is not None
+                    else f"name {info.name!r}"
                 )
                 err = PluginConflictError(
                     f"{what} claimed by two plugins: {first.name!r} from {first.distribution} "

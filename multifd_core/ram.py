@@ -65,8 +65,15 @@ class RAMBlock:
         return cls(name, mmap.mmap(-1, size), page_size)
 
     @classmethod
-    def from_file(cls, name: str, path: str | os.PathLike[str], size: int | None = None,
-                  page_size: int = 4096, *, create: bool = False) -> RAMBlock:
+    def from_file(
+        cls,
+        name: str,
+        path: str | os.PathLike[str],
+        size: int | None = None,
+        page_size: int = 4096,
+        *,
+        create: bool = False,
+    ) -> RAMBlock:
         """A block backed by a shared mapping of a file (created/resized to ``size`` if given)."""
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
         fd = os.open(path, flags, 0o644)

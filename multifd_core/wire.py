@@ -225,7 +225,7 @@ def _offsets_struct(n: int) -> struct.Struct:
 
 
 def _block_name(raw: bytes | bytearray | memoryview) -> str:
-    name = bytes(raw[: RAMBLOCK_NAME_MAX]).split(b"\0", 1)[0]  # QEMU forces ramblock[255] = 0
+    name = bytes(raw[:RAMBLOCK_NAME_MAX]).split(b"\0", 1)[0]  # QEMU forces ramblock[255] = 0
     try:
         return name.decode("utf-8")
     except UnicodeDecodeError as exc:
