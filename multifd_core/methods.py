@@ -138,7 +138,8 @@ class MethodRegistry:
                 if key == info.name or key in info.cls.aliases:
                     value = info.value
             for val, conflict in self.conflicts.items():
-                if key in conflict.names:  # type: ignore[attr-defined]
+                claimants = conflict.claimants  # type: ignore[attr-defined]
+                if any(key == c.name or key in c.cls.aliases for c in claimants):
                     value = val
         if value in self.conflicts:
             raise self.conflicts[value]
@@ -214,7 +215,10 @@ def load_methods(
                     )
                 )
                 continue
-            register(plugin, ep.name, dist)
+            # two distributions may publish the same entry-point name: keep both, so that a
+            # clash of their methods is reported as a conflict naming both
+            name = ep.name if pm.get_plugin(ep.name) is None else f"{ep.name}@{dist}"
+            register(plugin, name, dist)
     for i, plugin in enumerate(plugins):
         name = getattr(plugin, "__name__", None) or f"plugin-{i}"
         if isinstance(plugin, types.ModuleType):
@@ -223,7 +227,7 @@ def load_methods(
 
     allowed = set(allow) if allow is not None else None
     claimed_names: dict[str, MethodInfo] = {}
-    for impl in reversed(pm.hook.multifd_methods.get_hookimpls()):  # registration order
+    for impl in pm.hook.multifd_methods.get_hookimpls():  # registration order
         dist = origin.get(impl.plugin_name, "unknown distribution")
         try:
             classes = list(impl.function())
@@ -240,7 +244,7 @@ def load_methods(
                 )
                 continue
             info = MethodInfo(cls.value, cls.name, cls, impl.plugin_name, dist)
-            if allowed is not None and info.name not in allowed:
+            if allowed is not None and allowed.isdisjoint((info.name, *cls.aliases)):
                 continue
             other = registry.methods.get(info.value)
             if other is None and info.value in registry.conflicts:

@@ -1,0 +1,540 @@
+"""The compression method registry (pluggy + real entry points) and the built-in nocomp."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+import types
+import uuid
+from pathlib import Path
+
+import pytest
+
+from multifd_core import hookimpl
+from multifd_core.errors import (
+    ConfigError,
+    DecompressionError,
+    MultiFDError,
+    PluginConflictError,
+    PluginLoadError,
+    UnknownMethodError,
+)
+from multifd_core.methods import (
+    MethodInfo,
+    MultiFDMethod,
+    RecvContext,
+    SendContext,
+    load_methods,
+)
+from multifd_core.nocomp import Nocomp, NocompRecv, NocompSend
+
+METHOD_SRC = """
+from multifd_core import hookimpl, MultiFDMethod, SendContext, RecvContext
+
+
+class {cls}(MultiFDMethod):
+    name = {name!r}
+    value = {value!r}
+
+    def send_setup(self, channel):
+        return SendContext()
+
+    def recv_setup(self, channel):
+        return RecvContext()
+
+
+@hookimpl
+def multifd_methods():
+    return [{cls}]
+"""
+
+
+class FakeSite:
+    """Fake installed distributions (dist-info + modules) in a directory on sys.path."""
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.root = root
+        self.modules: list[str] = []
+        self.tag = uuid.uuid4().hex[:8]
+        monkeypatch.syspath_prepend(str(root))
+
+    def module(self, stem: str, source: str) -> str:
+        """Write a plugin module; returns its (test-unique) import name."""
+        name = f"mfd_{stem}_{self.tag}"
+        (self.root / f"{name}.py").write_text(textwrap.dedent(source))
+        self.modules.append(name)
+        return name
+
+    def method_module(self, stem: str, name: str, value: object) -> str:
+        return self.module(stem, METHOD_SRC.format(cls=f"M_{stem}", name=name, value=value))
+
+    def dist(self, dist_name: str, entry_points: dict[str, str]) -> None:
+        info = self.root / f"{dist_name}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n")
+        lines = "".join(f"{ep} = {target}\n" for ep, target in entry_points.items())
+        (info / "entry_points.txt").write_text(f"[multifd]\n{lines}")
+        importlib.invalidate_caches()
+
+    def method_dist(self, dist_name: str, name: str, value: object) -> str:
+        mod = self.method_module(dist_name, name, value)
+        self.dist(dist_name, {f"ep_{dist_name}": mod})
+        return mod
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    fake = FakeSite(tmp_path, monkeypatch)
+    yield fake
+    for name in fake.modules:
+        sys.modules.pop(name, None)
+
+
+def mine(registry, text: str) -> list:
+    """The problems that mention ``text`` (other installed plugins may have their own)."""
+    return [p for p in registry.problems if text in str(p)]
+
+
+# --- the built-in method --------------------------------------------------------------------
+
+
+def test_nocomp_is_built_in():
+    registry = load_methods()
+    info = registry.get(0)
+    assert isinstance(info, MethodInfo)
+    assert (info.value, info.name, info.cls) == (0, "none", Nocomp)
+    assert registry.get("none") is info
+    assert registry.get("nocomp") is info
+    assert info.plugin == "nocomp"
+    assert "built-in" in info.distribution
+    assert [m.value for m in registry] == sorted(m.value for m in registry)
+    assert isinstance(registry.create("nocomp"), Nocomp)
+
+
+def test_nocomp_without_entry_points():
+    registry = load_methods(entry_points=False)
+    assert [m.name for m in registry] == ["none"]
+    assert registry.problems == []
+    registry.check()  # no problem, no raise
+
+
+def test_unknown_method_lists_installed():
+    registry = load_methods(entry_points=False)
+    with pytest.raises(UnknownMethodError) as info:
+        registry.get("nope")
+    assert type(info.value) is UnknownMethodError
+    msg = str(info.value)
+    assert "'nope'" in msg and "installed: none" in msg
+    assert isinstance(info.value, KeyError) and isinstance(info.value, MultiFDError)
+    with pytest.raises(UnknownMethodError, match="7"):
+        registry.get(7)
+    with pytest.raises(UnknownMethodError):
+        registry.create("zstd")
+
+
+# --- real entry points ----------------------------------------------------------------------
+
+
+def test_entry_point_plugin_found(site):
+    site.method_dist("fake_good", "fakezip", 5)
+    registry = load_methods()
+    info = registry.get(5)
+    assert info.name == "fakezip"
+    assert info.distribution == "fake_good 1.0"
+    assert info.plugin == "ep_fake_good"
+    assert registry.get("fakezip") is info
+    assert registry.get(0).name == "none"
+    assert mine(registry, "fake_good") == []
+    method = registry.create("fakezip")
+    assert isinstance(method, MultiFDMethod) and method.flags == 0xA
+    assert isinstance(method.send_setup(0), SendContext)
+    with pytest.raises(UnknownMethodError, match="fakezip"):
+        registry.get("nope")  # the listing names the plugin's method too
+
+
+def test_entry_points_can_be_skipped(site):
+    site.method_dist("fake_good", "fakezip", 5)
+    registry = load_methods(entry_points=False)
+    with pytest.raises(UnknownMethodError):
+        registry.get(5)
+
+
+def test_two_distributions_same_value(site):
+    site.method_dist("fake_alpha", "alpha", 5)
+    site.method_dist("fake_beta", "beta", 5)
+    site.method_dist("fake_gamma", "gamma", 6)
+    registry = load_methods()
+    conflicts = [p for p in registry.problems if isinstance(p, PluginConflictError)]
+    assert len(conflicts) == 1
+    msg = str(conflicts[0])
+    assert "fake_alpha 1.0" in msg and "fake_beta 1.0" in msg and "value 5" in msg
+    for key in (5, "alpha", "beta"):
+        with pytest.raises(PluginConflictError) as info:
+            registry.get(key)
+        assert info.value is conflicts[0]
+    assert registry.get(6).name == "gamma"
+    assert registry.get(0).name == "none"
+    with pytest.raises(PluginConflictError):
+        registry.check()
+
+
+def test_three_distributions_same_value(site):
+    for dist, name in (("fake_a", "alpha"), ("fake_b", "beta"), ("fake_c", "gamma")):
+        site.method_dist(dist, name, 5)
+    registry = load_methods()
+    conflicts = [p for p in registry.problems if isinstance(p, PluginConflictError)]
+    assert len(conflicts) == 1
+    for key in (5, "alpha", "beta", "gamma"):
+        with pytest.raises(PluginConflictError) as info:
+            registry.get(key)
+        assert info.value is conflicts[0]
+    assert registry.get(0).name == "none"
+
+
+def test_two_distributions_same_name(site):
+    site.method_dist("fake_alpha", "samename", 5)
+    site.method_dist("fake_beta", "samename", 6)
+    registry = load_methods()
+    conflicts = [p for p in registry.problems if isinstance(p, PluginConflictError)]
+    assert len(conflicts) == 1
+    msg = str(conflicts[0])
+    assert "fake_alpha 1.0" in msg and "fake_beta 1.0" in msg and "'samename'" in msg
+    for key in (5, 6, "samename"):
+        with pytest.raises(PluginConflictError):
+            registry.get(key)
+
+
+def test_same_entry_point_name_in_two_distributions(site):
+    # two plugins both publishing ``zstd = ...`` but claiming the same value: a conflict that
+    # names both distributions, not a silent drop of one of them
+    site.dist("fake_one", {"fakez": site.method_module("one", "fakez", 4)})
+    site.dist("fake_two", {"fakez": site.method_module("two", "fakez", 4)})
+    registry = load_methods()
+    problems = mine(registry, "fake_one 1.0")
+    assert problems and all("fake_two 1.0" in str(p) for p in problems)
+    with pytest.raises(PluginConflictError):
+        registry.get(4)
+
+
+def test_plugin_import_error(site):
+    broken = site.module("broken", 'raise ImportError("needs libfake.so.1")\n')
+    site.dist("fake_broken", {"brokenz": broken})
+    site.dist("fake_missing", {"missingz": "mfd_no_such_module_at_all"})
+    site.method_dist("fake_good", "fakezip", 5)
+    registry = load_methods()
+    (err,) = mine(registry, "fake_broken")
+    assert type(err) is PluginLoadError
+    assert "fake_broken 1.0" in str(err) and "'brokenz'" in str(err)
+    assert "ImportError: needs libfake.so.1" in str(err)
+    (missing,) = mine(registry, "fake_missing")
+    assert type(missing) is PluginLoadError and "ModuleNotFoundError" in str(missing)
+    assert registry.get(5).name == "fakezip"
+    assert registry.get(0).name == "none"
+    with pytest.raises(PluginLoadError):
+        registry.check()
+    with pytest.raises(UnknownMethodError, match=r"plugin problems: .*fake_broken"):
+        registry.get("brokenz")
+
+
+def test_plugin_value_out_of_range(site):
+    site.method_dist("fake_nine", "ninezip", 9)
+    site.method_dist("fake_bool", "boolzip", True)
+    site.method_dist("fake_good", "fakezip", 5)
+    registry = load_methods()
+    (err,) = mine(registry, "fake_nine")
+    assert type(err) is PluginLoadError
+    assert "outside 0..7" in str(err) and "9" in str(err)
+    (err_bool,) = mine(registry, "fake_bool")
+    assert type(err_bool) is PluginLoadError
+    assert {m.name for m in registry} >= {"none", "fakezip"}
+    assert "ninezip" not in {m.name for m in registry}
+    assert "boolzip" not in {m.name for m in registry}
+    with pytest.raises(PluginLoadError):
+        registry.check()
+
+
+def test_plugin_returning_non_method(site):
+    mod = site.module(
+        "notamethod",
+        """
+        from multifd_core import hookimpl
+
+        class NotAMethod:
+            name = "bogus"
+            value = 7
+
+        @hookimpl
+        def multifd_methods():
+            return [NotAMethod, "zlib"]
+        """,
+    )
+    site.dist("fake_bogus", {"bogus": mod})
+    registry = load_methods()
+    errs = mine(registry, "fake_bogus")
+    assert len(errs) == 2 and all(type(e) is PluginLoadError for e in errs)
+    assert all("not a MultiFDMethod subclass" in str(e) for e in errs)
+    with pytest.raises(UnknownMethodError):
+        registry.get("bogus")
+
+
+def test_plugin_without_name(site):
+    site.method_dist("fake_noname", "", 7)
+    registry = load_methods()
+    (err,) = mine(registry, "fake_noname")
+    assert type(err) is PluginLoadError and "no name" in str(err)
+
+
+def test_plugin_hook_raising(site):
+    mod = site.module(
+        "raising",
+        """
+        from multifd_core import hookimpl
+
+        @hookimpl
+        def multifd_methods():
+            raise RuntimeError("boom in hook")
+        """,
+    )
+    site.dist("fake_raising", {"raising": mod})
+    site.method_dist("fake_good", "fakezip", 5)
+    registry = load_methods()
+    (err,) = mine(registry, "fake_raising")
+    assert type(err) is PluginLoadError and "boom in hook" in str(err)
+    assert registry.get(5).name == "fakezip"
+
+
+def test_plugin_unknown_hook_name(site):
+    mod = site.module(
+        "typo",
+        METHOD_SRC.format(cls="Typo", name="typozip", value=6)
+        + """
+
+@hookimpl
+def multifd_method():  # typo: no such hook
+    return []
+""",
+    )
+    site.dist("fake_typo", {"typo": mod})
+    site.method_dist("fake_good", "fakezip", 5)
+    registry = load_methods()
+    (err,) = mine(registry, "fake_typo")
+    assert type(err) is PluginLoadError
+    assert "multifd_method" in str(err)
+    # the whole invalid plugin is dropped, the others stay
+    with pytest.raises(UnknownMethodError):
+        registry.get(6)
+    assert registry.get(5).name == "fakezip"
+    assert registry.get(0).name == "none"
+
+
+def test_plugin_bad_hook_signature(site):
+    mod = site.module(
+        "badsig",
+        """
+        from multifd_core import hookimpl
+
+        @hookimpl
+        def multifd_methods(channel_count):
+            return []
+        """,
+    )
+    site.dist("fake_badsig", {"badsig": mod})
+    registry = load_methods()
+    (err,) = mine(registry, "fake_badsig")
+    assert type(err) is PluginLoadError and "channel_count" in str(err)
+
+
+def test_plugin_overriding_nocomp_value(site):
+    site.method_dist("fake_override", "mynone", 0)
+    registry = load_methods()
+    (err,) = mine(registry, "fake_override")
+    assert type(err) is PluginConflictError
+    assert "value 0" in str(err) and "built-in" in str(err)
+    # registration order: the built-in came first
+    assert str(err).index("'none'") < str(err).index("'mynone'")
+    for key in (0, "none", "nocomp", "mynone"):
+        with pytest.raises(PluginConflictError):
+            registry.get(key)
+
+
+def test_plugin_reusing_nocomp_name(site):
+    site.method_dist("fake_rename", "none", 4)
+    registry = load_methods()
+    (err,) = mine(registry, "fake_rename")
+    assert type(err) is PluginConflictError and "'none'" in str(err)
+    with pytest.raises(PluginConflictError):
+        registry.get("none")
+
+
+def test_allow_filters(site):
+    site.method_dist("fake_good", "fakezip", 5)
+    only_none = load_methods(allow=["none"])
+    assert [m.name for m in only_none] == ["none"]
+    with pytest.raises(UnknownMethodError):
+        only_none.get("fakezip")
+    only_fake = load_methods(allow=["fakezip"])
+    assert [m.name for m in only_fake] == ["fakezip"]
+    with pytest.raises(UnknownMethodError):
+        only_fake.get(0)
+    # an alias names the method as well as its name does
+    assert [m.name for m in load_methods(allow=["nocomp"])] == ["none"]
+    assert list(load_methods(allow=[])) == []
+
+
+def test_allow_skips_conflicts_of_filtered_methods(site):
+    site.method_dist("fake_override", "mynone", 0)
+    registry = load_methods(allow=["none"])
+    assert registry.get(0).name == "none"
+    assert not [p for p in registry.problems if isinstance(p, PluginConflictError)]
+
+
+# --- plugins registered by the program --------------------------------------------------------
+
+
+class Embedded(MultiFDMethod):
+    name = "embedded"
+    value = 7
+    aliases = ("emb",)
+
+    def send_setup(self, channel):
+        return SendContext()
+
+    def recv_setup(self, channel):
+        return RecvContext()
+
+
+def test_plugins_module_object():
+    module = types.ModuleType("embedded_mfd_plugin")
+
+    @hookimpl
+    def multifd_methods():
+        return [Embedded]
+
+    module.multifd_methods = multifd_methods
+    registry = load_methods(entry_points=False, plugins=[module])
+    info = registry.get("emb")
+    assert info is registry.get(7) is registry.get("embedded")
+    assert info.cls is Embedded
+    assert info.plugin == "embedded_mfd_plugin"
+    assert "embedded_mfd_plugin" in info.distribution and "program" in info.distribution
+    assert registry.get(0).name == "none"
+    assert registry.problems == []
+
+
+def test_plugins_plain_object():
+    class Plugin:
+        @hookimpl
+        def multifd_methods(self):
+            return [Embedded]
+
+    registry = load_methods(entry_points=False, plugins=[Plugin()])
+    assert registry.get(7).cls is Embedded
+    assert registry.get(7).plugin == "plugin-0"
+
+
+def test_plugins_registered_twice():
+    module = types.ModuleType("embedded_twice")
+    module.multifd_methods = hookimpl(lambda: [Embedded])
+    module.multifd_methods.__name__ = "multifd_methods"
+    registry = load_methods(entry_points=False, plugins=[module, module])
+    (err,) = registry.problems
+    assert type(err) is PluginLoadError and "embedded_twice" in str(err)
+    assert registry.get(7).cls is Embedded
+
+
+# --- the method base class ------------------------------------------------------------------
+
+
+class RawMethod(MultiFDMethod):
+    name = "raw"
+    value = 6
+    raw_payload = True
+
+    def send_setup(self, channel):
+        return SendContext()
+
+    def recv_setup(self, channel):
+        return RecvContext()
+
+
+class SqueezeMethod(RawMethod):
+    name = "squeeze"
+    value = 3
+    raw_payload = False
+
+
+def test_method_rejects_options_by_default():
+    with pytest.raises(ConfigError) as info:
+        Nocomp(level="3")
+    assert type(info.value) is ConfigError
+    assert "'none'" in str(info.value) and "level" in str(info.value)
+    assert Nocomp().options == {}
+    registry = load_methods(entry_points=False)
+    with pytest.raises(ConfigError, match="level"):
+        registry.create("none", level="1")
+
+
+def test_payload_size_raw_and_compressed():
+    assert RawMethod().payload_size(8192) == (8192, 8192)
+    assert Nocomp().payload_size(4096 * 128) == (4096 * 128, 4096 * 128)
+    low, high = SqueezeMethod().payload_size(4096 * 128)
+    assert low == 1
+    # room for incompressible pages plus the compressor's framing
+    assert high >= 4096 * 128 + 4096 * 128 // 100 + 64
+    assert SqueezeMethod().payload_size(4096)[1] > 4096
+
+
+def test_method_flags():
+    assert Nocomp().flags == 0
+    assert SqueezeMethod().flags == 0x6
+    assert RawMethod().flags == 0xC
+
+
+def test_base_contexts_are_abstract():
+    with pytest.raises(NotImplementedError):
+        SendContext().send_prepare([])
+    with pytest.raises(NotImplementedError):
+        RecvContext().recv_pages(memoryview(b""), [])
+    with pytest.raises(TypeError):
+        MultiFDMethod()  # abstract
+
+
+# --- nocomp contexts ------------------------------------------------------------------------
+
+
+def test_nocomp_send_prepare_returns_the_pages():
+    method = Nocomp()
+    ctx = method.send_setup(0)
+    assert isinstance(ctx, NocompSend)
+    pages = [memoryview(bytes([i]) * 4096) for i in range(3)]
+    parts = ctx.send_prepare(pages)
+    assert len(parts) == 3
+    assert all(a is b for a, b in zip(parts, pages, strict=True))
+    assert b"".join(parts) == b"\0" * 4096 + b"\1" * 4096 + b"\2" * 4096
+    ctx.send_cleanup()
+    assert method.raw_payload and not method.threaded
+
+
+def test_nocomp_recv_pages_fills_exactly():
+    ctx = Nocomp().recv_setup(1)
+    assert isinstance(ctx, NocompRecv)
+    memory = bytearray(b"\xee" * (4 * 4096))
+    view = memoryview(memory)
+    pages = [view[4096:8192], view[12288:16384]]
+    payload = b"A" * 4096 + b"B" * 4096
+    ctx.recv_pages(memoryview(payload), pages)
+    assert memory == b"\xee" * 4096 + b"A" * 4096 + b"\xee" * 4096 + b"B" * 4096
+    ctx.recv_cleanup()
+
+
+@pytest.mark.parametrize("length", [0, 8191, 8193, 3 * 4096])
+def test_nocomp_recv_pages_wrong_length(length):
+    ctx = Nocomp().recv_setup(0)
+    memory = bytearray(2 * 4096)
+    pages = [memoryview(memory)[:4096], memoryview(memory)[4096:]]
+    with pytest.raises(DecompressionError) as info:
+        ctx.recv_pages(memoryview(b"\x55" * length), pages)
+    assert type(info.value) is DecompressionError
+    assert f"{length} bytes" in str(info.value) and "8192" in str(info.value)
+    assert memory == bytes(2 * 4096)  # nothing written
