@@ -133,6 +133,10 @@ class MainStreamError(ProtocolError):
     """A malformed main migration stream (QEMU's savevm format)."""
 
 
+class TruncatedStream(MainStreamError):
+    """The main stream ended in the middle of a record or section."""
+
+
 class BlockMismatch(ProtocolError):
     """The source's block list does not fit the destination's blocks."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .errors import ConfigError
@@ -29,15 +29,14 @@ def zero_page(page_size: int) -> bytes:
 class RAMBlock:
     """A named block of pages backed by a writable buffer.
 
-    ``memory`` must be a writable, C-contiguous buffer whose size is a multiple of ``page_size``.
+    ``memory`` must be a C-contiguous buffer whose size is a multiple of ``page_size``; it must be
+    writable for a destination (a source may send from read-only memory).
     """
 
     def __init__(self, name: str, memory: Any, page_size: int = 4096) -> None:
         encode_block_name(name)
         check_page_size(page_size)
         mv = memoryview(memory)
-        if mv.readonly:
-            raise ConfigError(f"block {name!r}: memory is read-only")
         if not mv.c_contiguous:
             raise ConfigError(f"block {name!r}: memory is not contiguous")
         mv = mv.cast("B")
@@ -49,10 +48,13 @@ class RAMBlock:
         self.name = name
         self.memory = memory
         self.host = mv
+        self.writable = not mv.readonly
         self.size = len(mv)
         self.page_size = page_size
         self.npages = self.size // page_size
         self._dirty = bytearray(self.npages)
+        # bytearray/bytes compare in place; other buffers (mmap, arrays) through a page copy
+        self._direct = memory if type(memory) in (bytearray, bytes) else None
 
     def __repr__(self) -> str:
         return f"RAMBlock({self.name!r}, size={self.size}, page_size={self.page_size})"
@@ -100,8 +102,38 @@ class RAMBlock:
         return self.host[offset : offset + self.page_size]
 
     def is_zero_page(self, offset: int) -> bool:
+        """True when the page holds only zero bytes (memcmp speed, no per-byte Python)."""
         ps = self.page_size
-        return self.host[offset : offset + ps] == zero_page(ps)
+        if self._direct is not None:
+            return self._direct.startswith(zero_page(ps), offset)
+        return self.host[offset : offset + ps].tobytes() == zero_page(ps)
+
+    def fill_page(self, offset: int, fill: int = 0) -> None:
+        """Make the page hold ``fill`` bytes (QEMU's ram_handle_compressed): a page already zero
+        is left untouched, so fresh anonymous memory is not faulted in."""
+        ps = self.page_size
+        if fill == 0:
+            if not self.is_zero_page(offset):
+                self.host[offset : offset + ps] = zero_page(ps)
+        else:
+            self.host[offset : offset + ps] = bytes((fill,)) * ps
+
+    def page_runs(self, offsets: Sequence[int]) -> list[memoryview]:
+        """The pages at ``offsets`` as memoryviews, contiguous pages joined into one view."""
+        ps = self.page_size
+        host = self.host
+        runs: list[memoryview] = []
+        start = end = -1
+        for off in offsets:
+            if off == end:
+                end += ps
+                continue
+            if start >= 0:
+                runs.append(host[start:end])
+            start, end = off, off + ps
+        if start >= 0:
+            runs.append(host[start:end])
+        return runs
 
     # --- dirty tracking (the app marks, migration collects) --------------------------------
 

@@ -205,8 +205,13 @@ class ChannelIO:
         self.bytes_received += len(data)
         return bytes(data)
 
-    async def receive_into(self, view: memoryview, what: str = "data") -> None:
-        """Fill ``view`` exactly; ChannelClosed if the stream ends first."""
+    async def receive_into(
+        self, view: memoryview, what: str = "data", *, eof_ok: bool = False
+    ) -> bool:
+        """Fill ``view`` exactly; ChannelClosed if the stream ends first.
+
+        With ``eof_ok``, a stream that ends before the first byte returns False instead.
+        """
         want = len(view)
         pos = 0
         if self._pending:
@@ -238,11 +243,14 @@ class ChannelIO:
             raise self._error(f"receive failed in {what}", exc) from exc
         if pos < want:
             if pos == 0:
+                if eof_ok:
+                    return False
                 raise ChannelClosed(f"closed by peer before {what}", channel=self.channel)
             raise ChannelClosed(
                 f"closed by peer in the middle of {what} ({pos} of {want} bytes)",
                 channel=self.channel,
             )
+        return True
 
     async def receive_exactly(self, n: int, what: str = "data") -> bytearray:
         buf = bytearray(n)

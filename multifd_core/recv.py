@@ -1,0 +1,167 @@
+"""Destination side of the multifd channels: read packets straight into the blocks, and SYNC.
+
+QEMU's multifd_recv_thread / multifd_recv_sync_main. A channel that reads a SYNC packet reports
+it to the main side and waits on its own ``sem_sync``; the main side, at each round end of the
+main stream, waits for every channel's SYNC and then releases them all. That barrier is what makes
+a page of round k+1 land after the same page of round k although channels run independently.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import trio
+
+from .errors import ChannelClosed, ProtocolError, SyncError
+from .methods import MultiFDMethod, RecvContext
+from .ram import RAMBlock
+from .stats import ChannelStats, MigrationStats
+from .transport import ChannelIO
+from .wire import MultiFDPacket, PacketRules, decode_packet
+
+
+class Report(enum.Enum):
+    SYNC = "sync"
+    EOF = "eof"
+
+
+class MultiFDRecvState:
+    """What the destination's channels share with its main side (QEMU: multifd_recv_state)."""
+
+    def __init__(self, num_channels: int, rules: PacketRules, stats: MigrationStats) -> None:
+        self.num_channels = num_channels
+        self.rules = rules
+        self.stats = stats
+        self.channels: dict[int, MultiFDRecvChannel] = {}
+        self.blocks: dict[str, RAMBlock] = {}
+        self.block_sizes: dict[str, int] = {}
+        self.reports_send, self.reports_recv = trio.open_memory_channel[tuple[int, Report]](
+            math.inf
+        )
+        self.completed = False
+        self.closed_channels: set[int] = set()
+
+    def set_blocks(self, blocks: dict[str, RAMBlock]) -> None:
+        self.blocks = blocks
+        self.block_sizes = {name: b.size for name, b in blocks.items()}
+
+    async def recv_sync_main(self) -> None:
+        """Wait for one SYNC from every channel, then release them all."""
+        got: set[int] = set()
+        while len(got) < self.num_channels:
+            cid, kind = await self.reports_recv.receive()
+            if kind is Report.EOF:
+                raise ChannelClosed(
+                    f"closed before the SYNC of round {self.stats.rounds}", channel=cid
+                )
+            if cid in got:  # a channel blocks after each SYNC until released
+                raise SyncError(f"two SYNCs in round {self.stats.rounds}", channel=cid)
+            got.add(cid)
+        for cid in got:
+            self.channels[cid].sem_sync.release()
+        self.stats.rounds += 1
+
+    async def wait_all_closed(self) -> None:
+        """After the end of the migration: wait until every channel has read its end of stream."""
+        while len(self.closed_channels) < self.num_channels:
+            cid, kind = await self.reports_recv.receive()
+            if kind is Report.EOF:
+                self.closed_channels.add(cid)
+
+
+class MultiFDRecvChannel:
+    """One destination channel (QEMU: MultiFDRecvParams) and its task."""
+
+    def __init__(
+        self,
+        id: int,
+        io: ChannelIO,
+        method: MultiFDMethod,
+        ctx: RecvContext,
+        state: MultiFDRecvState,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.id = id
+        self.io = io
+        self.method = method
+        self.ctx = ctx
+        self.state = state
+        self.limiter = limiter
+        self.sem_sync = trio.Semaphore(0)
+        self.cstats = ChannelStats(id)
+        state.stats.per_channel.append(self.cstats)
+        rules = state.rules
+        self._payload = bytearray(
+            0 if method.raw_payload else method.payload_size(rules.max_pages * rules.page_size)[1]
+        )
+
+    async def multifd_recv_thread(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.ctx.recv_cleanup()
+
+    async def _run(self) -> None:
+        state = self.state
+        rules = state.rules
+        header = bytearray(rules.header_size)
+        hview = memoryview(header)
+        while True:
+            if not await self.io.receive_into(hview, "packet header", eof_ok=True):
+                state.closed_channels.add(self.id)
+                state.reports_send.send_nowait((self.id, Report.EOF))
+                return
+            try:
+                packet = decode_packet(header, rules, state.block_sizes)
+            except ProtocolError as exc:
+                raise exc.located(
+                    channel=self.id, packet_num=int.from_bytes(header[24:32], "big")
+                ) from None
+            if packet.normal_pages or packet.zero_pages:
+                if state.completed:
+                    raise ProtocolError(
+                        "pages after the migration completed",
+                        channel=self.id,
+                        packet_num=packet.packet_num,
+                    )
+                await self._recv_pages(packet)
+            c = self.cstats
+            c.packets += 1
+            c.normal_pages += packet.normal_pages
+            wire = rules.header_size + packet.next_packet_size
+            c.wire_bytes += wire
+            s = state.stats
+            s.packets += 1
+            s.normal_pages += packet.normal_pages
+            s.zero_pages += packet.zero_pages
+            s.multifd_bytes += wire
+            s.payload_bytes += packet.next_packet_size
+            if packet.sync:
+                c.sync_packets += 1
+                if not state.completed:
+                    state.reports_send.send_nowait((self.id, Report.SYNC))
+                    await self.sem_sync.acquire()
+
+    async def _recv_pages(self, packet: MultiFDPacket) -> None:
+        block = self.state.blocks[packet.ramblock]
+        if packet.normal_pages:
+            runs = block.page_runs(packet.normal_offsets)
+            what = f"packet {packet.packet_num} payload"
+            if self.method.raw_payload:
+                for run in runs:
+                    await self.io.receive_into(run, what)
+            else:
+                payload = memoryview(self._payload)[: packet.next_packet_size]
+                await self.io.receive_into(payload, what)
+                try:
+                    if self.method.threaded:
+                        await trio.to_thread.run_sync(
+                            self.ctx.recv_pages, payload, runs, limiter=self.limiter
+                        )
+                    else:
+                        self.ctx.recv_pages(payload, runs)
+                except ProtocolError as exc:
+                    raise exc.located(channel=self.id, packet_num=packet.packet_num) from None
+        for off in packet.zero_offsets:
+            block.fill_page(off)

@@ -1,0 +1,187 @@
+"""Source side of the multifd channels: queue pages, cut packets, hand them to idle channels.
+
+QEMU's multifd_queue_page / multifd_send_pages / multifd_send_sync_main / multifd_send_thread.
+QEMU's semaphores become trio memory channels: each channel task, when idle, puts its id on the
+shared ``idle`` channel and waits on its own job channel; the main side takes the id of the next
+idle channel and gives it a job. Owning an idle id is owning that channel until a job is given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import trio
+
+from .methods import Buffer, MultiFDMethod, SendContext
+from .ram import RAMBlock
+from .stats import ChannelStats, MigrationStats
+from .transport import ChannelIO
+from .wire import MULTIFD_FLAG_SYNC, MultiFDPacket
+
+
+@dataclass(slots=True)
+class SendJob:
+    """One packet to write: pages of one block (maybe none), its flags and number."""
+
+    block: RAMBlock | None
+    offsets: list[int]
+    flags: int
+    packet_num: int
+
+
+_QUIT = None
+
+
+class MultiFDSendChannel:
+    """One source channel (QEMU: MultiFDSendParams) and its task."""
+
+    def __init__(
+        self,
+        id: int,
+        io: ChannelIO,
+        method: MultiFDMethod,
+        ctx: SendContext,
+        header_pages: int,
+        stats: MigrationStats,
+        limiter: trio.CapacityLimiter,
+        zero_pages_field: bool = False,
+    ) -> None:
+        self.id = id
+        self.io = io
+        self.method = method
+        self.ctx = ctx
+        self.header_pages = header_pages
+        self.stats = stats
+        self.cstats = ChannelStats(id)
+        stats.per_channel.append(self.cstats)
+        self.limiter = limiter
+        self.zero_pages_field = zero_pages_field
+        self.jobs_send, self.jobs_recv = trio.open_memory_channel[SendJob | None](0)
+
+    async def multifd_send_thread(self, idle: trio.MemorySendChannel[int]) -> None:
+        try:
+            while True:
+                await idle.send(self.id)
+                job = await self.jobs_recv.receive()
+                if job is _QUIT:
+                    return
+                await self._send_packet(job)
+        finally:
+            self.ctx.send_cleanup()
+
+    async def _send_packet(self, job: SendJob) -> None:
+        payload: Sequence[Buffer] = ()
+        npages = len(job.offsets)
+        flags = job.flags
+        name = ""
+        if npages:
+            assert job.block is not None
+            name = job.block.name
+            flags |= self.method.flags
+            pages = job.block.page_runs(job.offsets)
+            if self.method.raw_payload:
+                payload = pages
+            elif self.method.threaded:
+                payload = await trio.to_thread.run_sync(
+                    self.ctx.send_prepare, pages, limiter=self.limiter
+                )
+            else:
+                payload = self.ctx.send_prepare(pages)
+        size = sum(len(p) for p in payload)
+        header = MultiFDPacket(
+            flags=flags,
+            pages_alloc=self.header_pages,
+            normal_pages=npages,
+            next_packet_size=size,
+            packet_num=job.packet_num,
+            ramblock=name,
+            offsets=job.offsets,
+        ).encode(self.header_pages, zero_pages_field=self.zero_pages_field)
+        await self.io.send_parts([header, *payload])
+        wire = len(header) + size
+        c, s = self.cstats, self.stats
+        c.packets += 1
+        c.normal_pages += npages
+        c.wire_bytes += wire
+        s.packets += 1
+        s.normal_pages += npages
+        s.multifd_bytes += wire
+        s.payload_bytes += size
+        if flags & MULTIFD_FLAG_SYNC:
+            c.sync_packets += 1
+
+
+class MultiFDSendState:
+    """The main side of the source channels (QEMU: multifd_send_state plus the queued pages)."""
+
+    def __init__(self, channels: list[MultiFDSendChannel], pages_per_packet: int) -> None:
+        self.channels = channels
+        self.pages_per_packet = pages_per_packet
+        self.idle_send, self.idle_recv = trio.open_memory_channel[int](len(channels))
+        self.packet_num = 0
+        self.block: RAMBlock | None = None
+        self.offsets: list[int] = []
+
+    def start(self, nursery: trio.Nursery) -> None:
+        for ch in self.channels:
+            nursery.start_soon(
+                ch.multifd_send_thread, self.idle_send.clone(), name=f"multifdsend_{ch.id}"
+            )
+
+    async def set_block(self, block: RAMBlock) -> None:
+        """Send what is queued if it belongs to another block, then queue pages of ``block``."""
+        if block is not self.block:
+            await self.send_pages()
+            self.block = block
+
+    def queue_page(self, offset: int) -> bool:
+        """Queue one page of the current block (see ``set_block``); True when the packet is
+        full and the caller must ``await send_pages()`` (QEMU: multifd_queue_page)."""
+        self.offsets.append(offset)
+        return len(self.offsets) >= self.pages_per_packet
+
+    async def send_pages(self) -> None:
+        """Give the queued pages to the next idle channel (QEMU: multifd_send_pages)."""
+        if not self.offsets:
+            return
+        job = SendJob(self.block, self.offsets, 0, self._next_packet_num())
+        self.offsets = []
+        cid = await self.idle_recv.receive()
+        await self.channels[cid].jobs_send.send(job)
+
+    def _next_packet_num(self) -> int:
+        num = self.packet_num
+        self.packet_num += 1
+        return num
+
+    async def _take_all_idle(self) -> list[int]:
+        return [await self.idle_recv.receive() for _ in self.channels]
+
+    async def send_sync_main(self) -> None:
+        """Flush queued pages, then one SYNC packet on every channel, and wait until every
+        channel has written its SYNC (QEMU: multifd_send_sync_main)."""
+        await self.send_pages()
+        for cid in await self._take_all_idle():
+            job = SendJob(None, [], MULTIFD_FLAG_SYNC, self._next_packet_num())
+            await self.channels[cid].jobs_send.send(job)
+        for cid in await self._take_all_idle():
+            self.idle_send.send_nowait(cid)
+
+    async def quit(self) -> None:
+        """Tell every channel task to finish once idle."""
+        for cid in await self._take_all_idle():
+            await self.channels[cid].jobs_send.send(_QUIT)
+
+
+def default_thread_limit() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+__all__ = [
+    "MultiFDSendChannel",
+    "MultiFDSendState",
+    "SendJob",
+    "default_thread_limit",
+]

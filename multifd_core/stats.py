@@ -1,0 +1,106 @@
+"""Migration statistics, shaped like QEMU's query-migrate. A leaf module."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ChannelStats:
+    """Per multifd channel (QEMU: MultiFDSendParams/RecvParams num_packets etc.)."""
+
+    id: int
+    packets: int = 0
+    normal_pages: int = 0
+    sync_packets: int = 0
+    wire_bytes: int = 0
+
+
+@dataclass
+class MigrationStats:
+    """Live counters of one migration end; ``as_dict()`` gives the JSON the CLI prints."""
+
+    role: str
+    channels: int
+    method: str
+    page_size: int
+    status: str = "setup"
+    total_bytes: int = 0  # size of all blocks
+    normal_pages: int = 0  # pages sent / received on multifd channels
+    zero_pages: int = 0  # pages sent / received as zero records
+    inline_pages: int = 0  # pages carried in the main stream
+    packets: int = 0
+    rounds: int = 0  # completed sync rounds (QEMU: dirty-sync-count)
+    main_bytes: int = 0
+    multifd_bytes: int = 0  # header + payload bytes on multifd channels
+    payload_bytes: int = 0  # payload bytes on multifd channels
+    pages_this_round: int = 0
+    dirty_pages_remaining: int = 0
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    error: str | None = None
+    per_channel: list[ChannelStats] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        end = self.ended if self.ended is not None else time.monotonic()
+        return end - self.started
+
+    @property
+    def normal_bytes(self) -> int:
+        return self.normal_pages * self.page_size
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.main_bytes + self.multifd_bytes
+
+    @property
+    def throughput(self) -> float:
+        """Bytes of page data (non-zero pages) per second."""
+        s = self.seconds
+        return self.normal_bytes / s if s > 0 else 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """Page bytes per payload byte on the multifd channels (1.0 without compression)."""
+        return self.normal_bytes / self.payload_bytes if self.payload_bytes else 1.0
+
+    def finish(self, status: str, error: BaseException | None = None) -> None:
+        if self.ended is None:
+            self.ended = time.monotonic()
+        self.status = status
+        if error is not None:
+            self.error = str(error) or type(error).__name__
+
+    def as_dict(self) -> dict[str, Any]:
+        secs = self.seconds
+        out: dict[str, Any] = {
+            "status": self.status,
+            "role": self.role,
+            "total-time": round(secs * 1000),
+            "seconds": round(secs, 6),
+            "channels": self.channels,
+            "compression": self.method,
+            "ram": {
+                "total": self.total_bytes,
+                "transferred": self.wire_bytes,
+                "normal": self.normal_pages,
+                "normal-bytes": self.normal_bytes,
+                "duplicate": self.zero_pages,
+                "inline": self.inline_pages,
+                "page-size": self.page_size,
+                "dirty-sync-count": self.rounds,
+                "multifd-bytes": self.multifd_bytes,
+                "main-bytes": self.main_bytes,
+                "mbps": round(self.wire_bytes * 8 / secs / 1e6, 3) if secs > 0 else 0.0,
+            },
+            "packets": self.packets,
+            "throughput-bytes-per-second": round(self.throughput),
+            "compression-ratio": round(self.compression_ratio, 4),
+            "per-channel": [vars(c).copy() for c in self.per_channel],
+        }
+        if self.error:
+            out["error-desc"] = self.error
+        return out
