@@ -13,7 +13,9 @@ from .methods import (
     SendContext,
     load_methods,
 )
+from .migration import Destination, Source, migrate, open_destination, open_source, receive
 from .ram import RAMBlock
+from .stats import MigrationStats
 from .transport import (
     Acceptor,
     MemoryNetwork,
@@ -27,6 +29,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Acceptor",
+    "Destination",
+    "MigrationStats",
+    "Source",
+    "migrate",
+    "open_destination",
+    "open_source",
+    "receive",
     "MemoryNetwork",
     "MethodInfo",
     "MethodRegistry",
