@@ -149,8 +149,7 @@ class MultiFDRecvChannel:
             runs = block.page_runs(packet.normal_offsets)
             what = f"packet {packet.packet_num} payload"
             if self.method.raw_payload:
-                for run in runs:
-                    await self.io.receive_into(run, what)
+                await self.io.receive_into_views(runs, what)
             else:
                 payload = memoryview(self._payload)[: packet.next_packet_size]
                 await self.io.receive_into(payload, what)

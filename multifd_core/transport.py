@@ -252,6 +252,38 @@ class ChannelIO:
             )
         return True
 
+    async def receive_into_views(self, views: Sequence[memoryview], what: str = "data") -> None:
+        """Fill every view in order, exactly; sockets scatter with ``recvmsg_into``."""
+        if self.sock is None or self._pending or len(views) == 1:
+            for view in views:
+                await self.receive_into(view, what)
+            return
+        todo = [v for v in views if len(v)]
+        want = sum(len(v) for v in todo)
+        got = 0
+        i = 0
+        recvmsg_into = self.sock.recvmsg_into
+        try:
+            while i < len(todo):
+                n = (await recvmsg_into(todo[i : i + _IOV_MAX]))[0]
+                if not n:
+                    raise ChannelClosed(
+                        f"closed by peer in the middle of {what} ({got} of {want} bytes)",
+                        channel=self.channel,
+                    )
+                got += n
+                self.bytes_received += n
+                while n:
+                    size = len(todo[i])
+                    if n >= size:
+                        n -= size
+                        i += 1
+                    else:
+                        todo[i] = todo[i][n:]
+                        n = 0
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._error(f"receive failed in {what}", exc) from exc
+
     async def receive_exactly(self, n: int, what: str = "data") -> bytearray:
         buf = bytearray(n)
         await self.receive_into(memoryview(buf), what)
