@@ -294,3 +294,46 @@ async def test_bad_config_is_refused() -> None:
     with pytest.raises(ConfigError, match="duplicate"):
         async with open_source(blocks, net.connect):
             pass
+
+
+async def test_cancel_destination_mid_migration_ends_both_sides(no_leaks: None) -> None:
+    blocks = make_blocks({"pc.ram": 16 << 20}, 4096)
+    errors: dict[str, BaseException] = {}
+    async with await open_tcp_acceptor("127.0.0.1", 0) as acceptor:
+        with trio.fail_after(TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                cancel = trio.CancelScope()
+
+                async def destination() -> None:
+                    with cancel:
+                        async with open_destination(acceptor, channels=2) as dst:
+                            await dst.wait()
+                    errors["dst-status"] = dst.stats.status  # type: ignore[assignment]
+
+                nursery.start_soon(destination)
+                try:
+                    async with open_source(
+                        blocks, tcp_connector("127.0.0.1", acceptor.port), channels=2
+                    ) as src:
+                        await src.send_round()
+                        cancel.cancel()  # the embedding app gives up on the destination
+                        for _ in range(20):  # the source keeps going until it notices
+                            src.blocks[0].mark_all_dirty()
+                            await src.send_round()
+                        await src.complete()
+                except MultiFDError as exc:
+                    errors["src"] = exc
+    assert errors["dst-status"] == "cancelled"
+    assert isinstance(errors["src"], ChannelClosed), errors
+
+
+async def test_unix_socket_transport(tmp_path) -> None:
+    from multifd_core import open_unix_acceptor, unix_connector
+
+    blocks = make_blocks({"pc.ram": 2 << 20}, 4096)
+    path = tmp_path / "mig.sock"
+    async with await open_unix_acceptor(path) as acceptor:
+        res = await run_migration(
+            blocks, unix_connector(path), acceptor, channels=3, rounds=2, dirty_per_round=10
+        )
+    assert_same(blocks, res["blocks"])
