@@ -323,6 +323,57 @@ async def cmd_recv(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+async def cmd_qemu_save(args: argparse.Namespace) -> dict[str, Any]:
+    from .qemu import qemu_save
+
+    acceptor = await _acceptor(args.listen)
+    async with acceptor:
+        if args.ready_file:
+            Path(args.ready_file).write_text(str(acceptor.address))
+        result = await qemu_save(
+            acceptor,
+            args.output,
+            channels=args.channels,
+            method=args.compression,
+            method_options=parse_options(args.method_option),
+            uuid=args.uuid,
+            connect_timeout=args.timeout,
+        )
+    out = result.stats.as_dict()
+    out["directory"] = str(result.directory)
+    out["machine-type"] = result.manifest["machine-type"]
+    out["blocks"] = [{k: b[k] for k in ("name", "size", "file")} for b in result.manifest["blocks"]]
+    if not args.json:
+        print(
+            _summary(
+                "qemu-save",
+                result.stats,
+                {
+                    "machine": result.manifest["machine-type"],
+                    "saved to": str(result.directory),
+                    "blocks": ", ".join(b["name"] for b in result.manifest["blocks"]),
+                },
+            )
+        )
+    return out
+
+
+async def cmd_qemu_restore(args: argparse.Namespace) -> dict[str, Any]:
+    from .qemu import qemu_restore
+
+    stats = await qemu_restore(
+        args.directory,
+        _connector(args.connect),
+        channels=args.channels,
+        method=args.compression,
+        method_options=parse_options(args.method_option),
+        verify=args.verify,
+    )
+    if not args.json:
+        print(_summary("qemu-restore", stats))
+    return stats.as_dict()
+
+
 def cmd_plugins(args: argparse.Namespace) -> dict[str, Any]:
     registry = load_methods()
     methods = [
@@ -395,6 +446,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for connections")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
 
+    p = sub.add_parser(
+        "qemu-save", help="be the destination of a QEMU migration; save its memory to DIR"
+    )
+    _common(p)
+    p.add_argument("--listen", type=parse_address, required=True, metavar="HOST:PORT")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--uuid", default=None, help="refuse channels with another uuid")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for QEMU")
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+
+    p = sub.add_parser(
+        "qemu-restore", help="be the source for a QEMU destination started with -incoming"
+    )
+    _common(p)
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--connect", type=parse_address, required=True, metavar="HOST:PORT")
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check every file's sha256 against the manifest first (default on)",
+    )
+
     p = sub.add_parser("plugins", help="list the installed compression methods")
     p.add_argument("--json", action="store_true")
     return parser
@@ -413,7 +487,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError("--channels must be at least 1")
             if getattr(args, "rounds", 1) < 1:
                 raise ConfigError("--rounds must be at least 1")
-            handler = {"demo": cmd_demo, "send": cmd_send, "recv": cmd_recv}[args.command]
+            handler = {
+                "demo": cmd_demo,
+                "send": cmd_send,
+                "recv": cmd_recv,
+                "qemu-save": cmd_qemu_save,
+                "qemu-restore": cmd_qemu_restore,
+            }[args.command]
             out = trio.run(handler, args)
     except MultiFDError as exc:
         print(f"multifd {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -28,6 +28,7 @@ from .errors import (
     MultiFDError,
     ProtocolError,
     TruncatedStream,
+    UuidMismatch,
 )
 from .methods import MethodRegistry, MultiFDMethod, load_methods
 from .ram import RAMBlock, iter_dirty
@@ -145,9 +146,12 @@ class Source:
         machine_type: str,
         thread_limit: int,
         description: bytes | None = None,
+        section_id: int = 2,
+        device_state: bytes | None = None,
     ) -> None:
         self.blocks = list(blocks)
         self.description = description
+        self.device_state = device_state
         self.connect = connect
         self.num_channels = channels
         self.method = method
@@ -156,7 +160,9 @@ class Source:
         self.pages_per_packet = pages_per_packet(self.page_size)
         self.stats = MigrationStats("source", channels, method.name, self.page_size)
         self.stats.total_bytes = sum(b.size for b in self.blocks)
-        self.writer = ms.MainStreamWriter(machine_type=machine_type, page_size=self.page_size)
+        self.writer = ms.MainStreamWriter(
+            machine_type=machine_type, section_id=section_id, page_size=self.page_size
+        )
         self.limiter = trio.CapacityLimiter(thread_limit)
         self.ios: list[ChannelIO] = []
         self.main: ChannelIO | None = None
@@ -265,11 +271,16 @@ class Source:
                 stats.dirty_pages_remaining -= 1
         await state.send_sync_main()
         w.eos()
-        if last:
+        if last and self.device_state is None:
             w.eof()
             if self.description is not None:
                 w.vmdesc(self.description)
         await self._flush_main()
+        if last and self.device_state is not None:
+            # QEMU's device sections, EOF and vmdesc, as saved: the rest of the stream
+            assert self.main is not None
+            await self.main.send_all(self.device_state)
+            self.stats.main_bytes += len(self.device_state)
         stats.rounds += 1
         return sent
 
@@ -291,6 +302,8 @@ async def open_source(
     machine_type: str = "pc-q35-7.2",
     thread_limit: int | None = None,
     description: bytes | None = None,
+    section_id: int = 2,
+    device_state: bytes | None = None,
 ) -> AsyncIterator[Source]:
     """Connect to a destination and set up a migration of ``blocks``.
 
@@ -298,6 +311,9 @@ async def open_source(
     block, call ``send_round()`` any number of times (marking pages dirty between rounds), then
     ``complete()``. Leaving the block without ``complete()`` cancels the migration.
     ``description`` (JSON bytes) is sent after EOF where QEMU puts its vmdesc.
+    ``device_state``, when given, replaces EOF: the bytes QEMU sends after its RAM section
+    (device sections, EOF, vmdesc), as ``Destination.device_state`` captured them;
+    ``section_id`` is the RAM section's id (QEMU's own, when replaying a capture).
     """
     blocks = list(blocks)
     _check_channels(channels)
@@ -317,6 +333,8 @@ async def open_source(
         machine_type=machine_type,
         thread_limit=thread_limit or default_thread_limit(),
         description=description,
+        section_id=section_id,
+        device_state=device_state,
     )
     try:
         with library_errors(src.stats):
@@ -396,6 +414,8 @@ class Destination:
         self.machine_type: str | None = None
         self.configuration: Any = None
         self.device_state: list[bytes] = []
+        self.source_uuid: bytes | None = None
+        self.ram_section_id: int | None = None
         self.vmdesc: bytes | None = None
         self.done = trio.Event()
 
@@ -438,6 +458,14 @@ class Destination:
             init = decode_init(
                 bytes(magic + rest), num_channels=self.num_channels, expected_uuid=self.uuid
             )
+            if self.source_uuid is None:
+                self.source_uuid = init.uuid
+            elif init.uuid != self.source_uuid:
+                raise UuidMismatch(
+                    f"channel {init.id} has uuid {init.uuid.hex()}, channel(s) before it "
+                    f"{self.source_uuid.hex()}",
+                    channel=init.id,
+                )
             if init.id in self.state.channels:
                 raise DuplicateChannel(f"two channels announced id {init.id}", channel=init.id)
             io.channel = init.id
@@ -508,6 +536,7 @@ class Destination:
                 block.host[ev.offset : ev.offset + self.page_size] = ev.data
                 stats.inline_pages += 1
             elif isinstance(ev, ms.RamBlocks):
+                self.ram_section_id = ev.section_id
                 self._setup_blocks(ev.blocks)
             elif isinstance(ev, ms.Configuration):
                 self.machine_type = ev.machine_type
