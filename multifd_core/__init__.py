@@ -6,6 +6,7 @@ from .errors import *  # noqa: F403
 from .errors import MultiFDError
 from .hookspecs import hookimpl
 from .methods import (
+    Buffer,
     MethodInfo,
     MethodRegistry,
     MultiFDMethod,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Acceptor",
+    "Buffer",
     "Destination",
     "MigrationStats",
     "Source",

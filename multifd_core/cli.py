@@ -25,7 +25,7 @@ from .files import (
 )
 from .image import dirty_some_pages, vm_like_image
 from .methods import load_methods
-from .migration import open_destination, open_source
+from .migration import library_errors, open_destination, open_source
 from .ram import RAMBlock
 from .stats import MigrationStats
 from .transport import (
@@ -494,7 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "qemu-save": cmd_qemu_save,
                 "qemu-restore": cmd_qemu_restore,
             }[args.command]
-            out = trio.run(handler, args)
+            with library_errors():  # demo runs both ends in one nursery: unwrap its group
+                out = trio.run(handler, args)
     except MultiFDError as exc:
         print(f"multifd {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

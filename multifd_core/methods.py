@@ -274,7 +274,7 @@ def load_methods(
             registry.methods[info.value] = info
             claimed_names[info.name] = info
     for problem in registry.problems:
-        log.warning("multifd plugin problem: %s", problem)
+        log.info("multifd plugin problem: %s", problem)
     return registry
 
 

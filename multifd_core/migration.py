@@ -165,18 +165,27 @@ class Source:
         )
         self.limiter = trio.CapacityLimiter(thread_limit)
         self.ios: list[ChannelIO] = []
+        self.channels: list[MultiFDSendChannel] = []
         self.main: ChannelIO | None = None
         self.state: MultiFDSendState | None = None
         self.completed = False
         self._busy = False
 
+    async def _connect(self, channel: int | None) -> ChannelIO:
+        try:
+            stream = await self.connect()
+        except OSError as exc:
+            name = "main channel" if channel is None else f"channel {channel}"
+            raise ChannelError(f"cannot connect the {name}: {exc}", channel=channel) from exc
+        io = ChannelIO(stream, channel)
+        self.ios.append(io)
+        return io
+
     async def _setup(self, nursery: trio.Nursery) -> None:
-        self.main = ChannelIO(await self.connect(), None)
-        self.ios.append(self.main)
-        chans = []
+        self.main = await self._connect(None)
+        chans = self.channels
         for i in range(self.num_channels):
-            io = ChannelIO(await self.connect(), i)
-            self.ios.append(io)
+            io = await self._connect(i)
             await io.send_all(MultiFDInit(i, self.uuid).encode())  # QEMU reads it at accept
             chans.append(
                 MultiFDSendChannel(
@@ -285,6 +294,8 @@ class Source:
         return sent
 
     async def aclose(self) -> None:
+        for ch in self.channels:  # channels whose task never started
+            ch.cleanup()
         for io in self.ios:
             await io.aclose()
 

@@ -59,6 +59,7 @@ class MultiFDSendChannel:
         self.limiter = limiter
         self.zero_pages_field = zero_pages_field
         self.jobs_send, self.jobs_recv = trio.open_memory_channel[SendJob | None](0)
+        self.cleaned = False
 
     async def multifd_send_thread(self, idle: trio.MemorySendChannel[int]) -> None:
         try:
@@ -69,6 +70,12 @@ class MultiFDSendChannel:
                     return
                 await self._send_packet(job)
         finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        """send_cleanup, once, whatever ended the channel."""
+        if not self.cleaned:
+            self.cleaned = True
             self.ctx.send_cleanup()
 
     async def _send_packet(self, job: SendJob) -> None:

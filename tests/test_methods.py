@@ -208,13 +208,13 @@ def test_two_distributions_same_name(site):
 def test_same_entry_point_name_in_two_distributions(site):
     # two plugins both publishing ``zstd = ...`` but claiming the same value: a conflict that
     # names both distributions, not a silent drop of one of them
-    site.dist("fake_one", {"fakez": site.method_module("one", "fakez", 4)})
-    site.dist("fake_two", {"fakez": site.method_module("two", "fakez", 4)})
+    site.dist("fake_one", {"fakez": site.method_module("one", "fakez", 6)})
+    site.dist("fake_two", {"fakez": site.method_module("two", "fakez", 6)})
     registry = load_methods()
     problems = mine(registry, "fake_one 1.0")
     assert problems and all("fake_two 1.0" in str(p) for p in problems)
     with pytest.raises(PluginConflictError):
-        registry.get(4)
+        registry.get(6)
 
 
 def test_plugin_import_error(site):
@@ -359,7 +359,7 @@ def test_plugin_overriding_nocomp_value(site):
 
 
 def test_plugin_reusing_nocomp_name(site):
-    site.method_dist("fake_rename", "none", 4)
+    site.method_dist("fake_rename", "none", 6)
     registry = load_methods()
     (err,) = mine(registry, "fake_rename")
     assert type(err) is PluginConflictError and "'none'" in str(err)
