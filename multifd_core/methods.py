@@ -15,7 +15,7 @@ import types
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pluggy
 
@@ -230,7 +230,7 @@ def load_methods(
     for impl in pm.hook.multifd_methods.get_hookimpls():  # registration order
         dist = origin.get(impl.plugin_name, "unknown distribution")
         try:
-            classes = list(impl.function())
+            classes: list[Any] = list(cast(Iterable[Any], impl.function()))
         except Exception as exc:
             registry.problems.append(
                 PluginLoadError(f"plugin {impl.plugin_name!r} ({dist}) failed: {exc}")
@@ -273,8 +273,8 @@ def load_methods(
                 continue
             registry.methods[info.value] = info
             claimed_names[info.name] = info
-    for problem in registry.problems:
-        log.info("multifd plugin problem: %s", problem)
+    for error in registry.problems:
+        log.info("multifd plugin problem: %s", error)
     return registry
 
 

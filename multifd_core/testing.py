@@ -206,10 +206,10 @@ class MethodConformance:
                 rxs[ch].recv_pages(memoryview(payload), out.pages)
                 assert out.contents() == b"".join(pages), f"step {step} channel {ch}"
         finally:
-            for c in txs:
-                c.send_cleanup()
-            for c in rxs:
-                c.recv_cleanup()
+            for tx in txs:
+                tx.send_cleanup()
+            for rx in rxs:
+                rx.recv_cleanup()
 
     def test_pages_given_as_runs(self) -> None:
         """Contiguous pages may come as one view of several pages, on both sides."""

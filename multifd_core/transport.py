@@ -199,11 +199,12 @@ class ChannelIO:
             del self._pending[:max_bytes]
             return data
         try:
-            data = await self.stream.receive_some(max_bytes)
+            received = await self.stream.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._error("receive failed", exc) from exc
+        data = bytes(received)
         self.bytes_received += len(data)
-        return bytes(data)
+        return data
 
     async def receive_into(
         self, view: memoryview, what: str = "data", *, eof_ok: bool = False
