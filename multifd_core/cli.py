@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -314,7 +315,10 @@ async def cmd_recv(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if not ok:
             for block, final in made.values():
-                block.close()
+                # the error on its way out may still hold views of the mapping (frames of the
+                # channel tasks): then the mmap stays open until exit, but the file must go
+                with contextlib.suppress(BufferError):
+                    block.close()
                 final.with_name(final.name + ".part").unlink(missing_ok=True)
     out = stats.as_dict()
     out["files"] = {name: str(final) for name, (_, final) in made.items()}

@@ -429,6 +429,9 @@ class Destination:
         self.ram_section_id: int | None = None
         self.vmdesc: bytes | None = None
         self.done = trio.Event()
+        self._accepting = trio.CancelScope()
+        self._handshakes = 0
+        self._handshakes_done = trio.Event()
 
     async def wait(self) -> MigrationStats:
         """Wait until the migration has completed; returns the stats."""
@@ -446,10 +449,19 @@ class Destination:
                 f"only {len(self.ios)} of {self.num_channels + 1} connections (main + "
                 f"{self.num_channels} channels) arrived within {self.connect_timeout} s"
             )
+        # Keep accepting until the migration ends: a connection beyond main + N channels (a
+        # source with more channels than this side) must fail the migration with the reason,
+        # not sit unread in the listen backlog with its pages silently lost.
+        with self._accepting:
+            while True:
+                stream = await self.accept()
+                nursery.start_soon(self._handshake, stream, nursery)
 
     async def _handshake(self, stream: trio.abc.Stream, nursery: trio.Nursery) -> None:
         io = ChannelIO(stream, None)
         self.ios.append(io)
+        self._handshakes += 1
+        self._handshakes_done = trio.Event()
         try:
             with trio.fail_after(self.handshake_timeout):
                 magic = await io.receive_exactly(4, "the first bytes of a connection")
@@ -459,6 +471,10 @@ class Destination:
             raise MigrationTimeout(
                 f"a connection sent no handshake within {self.handshake_timeout} s"
             ) from None
+        finally:
+            self._handshakes -= 1
+            if not self._handshakes:
+                self._handshakes_done.set()
         if magic == QEVM:
             if self.main is not None:
                 raise MainStreamError("a second main channel (QEVM) connected")
@@ -566,6 +582,12 @@ class Destination:
             raise MigrationTimeout(
                 f"channels still open {self.drain_timeout} s after the end of the migration"
             ) from None
+        # a connection still in its handshake may be an extra channel: hear it out first
+        with trio.move_on_after(self.handshake_timeout):
+            while self._handshakes:
+                await self._handshakes_done.wait()
+        await trio.sleep(0)  # let the accept loop take what is already in the backlog
+        self._accepting.cancel()
         stats.finish("completed")
         self.done.set()
 

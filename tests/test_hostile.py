@@ -298,3 +298,32 @@ def test_registry_with_program_plugin_finds_tagged() -> None:
     mod.multifd_methods = multifd_methods  # type: ignore[attr-defined]
     reg = load_methods(plugins=[mod])
     assert reg.get("tagged").value == 5
+
+
+@pytest.mark.parametrize("size", [64 << 10, 16 << 20])
+async def test_source_with_more_channels_is_refused(size: int, no_leaks: None) -> None:
+    """Extra channels must fail the migration, not sit in the backlog with their pages lost."""
+    from multifd_core import open_tcp_acceptor, tcp_connector
+    from multifd_core.image import vm_like_image
+
+    block = RAMBlock("ram", vm_like_image(size))
+    errors: dict[str, BaseException] = {}
+    async with await open_tcp_acceptor("127.0.0.1", 0) as acceptor:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+
+                async def destination() -> None:
+                    try:
+                        async with open_destination(acceptor, channels=2) as dst:
+                            await dst.wait()
+                    except MultiFDError as exc:
+                        errors["dst"] = exc
+
+                nursery.start_soon(destination)
+                try:
+                    connect = tcp_connector("127.0.0.1", acceptor.port)
+                    async with open_source([block], connect, channels=4) as src:
+                        await src.complete()
+                except MultiFDError as exc:
+                    errors["src"] = exc
+    assert isinstance(errors.get("dst"), BadChannelId), errors

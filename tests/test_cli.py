@@ -1,0 +1,415 @@
+"""The ``multifd`` command as a user runs it: real processes, real loopback TCP, no mocks.
+
+Every process is bounded by a timeout and killed by pid when a test leaves it running. ``recv``
+listens on port 0 and reports the address it got through ``--ready-file``.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PS = 4096
+#: the demo migrates pc.ram of --size and a 256 KiB pc.bios
+BIOS = 256 << 10
+#: seconds any one command may take before the test fails (and kills it)
+TIMEOUT = 30
+
+_script = shutil.which("multifd", path=os.path.dirname(sys.executable))
+MULTIFD = [_script] if _script else [sys.executable, "-m", "multifd_core.cli"]
+
+
+@dataclass
+class Result:
+    rc: int
+    out: str
+    err: str
+
+
+@contextmanager
+def spawn(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """Start ``multifd ARGS``; kill it by pid if it is still running when the block ends."""
+    proc = subprocess.Popen(
+        [*MULTIFD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    with proc:  # closes the pipes and reaps the process
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = TIMEOUT) -> Result:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{proc.args!r} still running after {timeout} s")
+    return Result(proc.returncode, out, err)
+
+
+def run(*args: str, timeout: float = TIMEOUT) -> Result:
+    with spawn(*args) as proc:
+        return finish(proc, timeout)
+
+
+@contextmanager
+def receiver(
+    ready: Path, out_dir: Path, *args: str, timeout: float = 10
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """``multifd recv`` on 127.0.0.1:0; yields the process and the port it listens on."""
+    with spawn(
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--output",
+        str(out_dir),
+        "--ready-file",
+        str(ready),
+        "--timeout",
+        str(timeout),
+        *args,
+    ) as proc:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                host, port = ast.literal_eval(ready.read_text())
+                break
+            except (OSError, ValueError, SyntaxError):  # not there yet, or half written
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"recv exited {proc.returncode} before listening: {finish(proc).err}")
+            if time.monotonic() > deadline:
+                pytest.fail("recv did not write its ready file")
+            time.sleep(0.01)
+        assert host == "127.0.0.1"
+        yield proc, port
+
+
+def sender(port: int, *args: str) -> list[str]:
+    return ["send", "--connect", f"127.0.0.1:{port}", *args]
+
+
+def one_line_error(res: Result, command: str) -> str:
+    """The process failed with exactly one line on stderr (no traceback); returns it."""
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1, res.err
+    assert lines[0].startswith(f"multifd {command}: error: "), res.err
+    return lines[0]
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def pages(size: int) -> int:
+    return -(-size // PS)
+
+
+# --- input files --------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    big: Path  # 256 MiB: random, zero and half-zero MiB chunks
+    small: Path  # 10000 bytes: the last page only partly in the file
+    tiny: Path  # 1 byte
+    zeros: Path  # 8193 zero bytes: all zero pages, and a partial one
+    sums: dict[str, str]
+
+    @property
+    def all(self) -> list[Path]:
+        return [self.big, self.small, self.tiny, self.zeros]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inputs]:
+    d = tmp_path_factory.mktemp("inputs")
+    rng = random.Random(20240521)
+    half = bytes(PS)
+    big = d / "big.bin"
+    with open(big, "wb") as f:
+        for i in range(256):
+            kind = i % 8
+            if kind in (3, 6):
+                f.write(bytes(1 << 20))
+            elif kind == 5:
+                f.write(b"".join(rng.randbytes(PS) if j % 2 else half for j in range(256)))
+            else:
+                f.write(rng.randbytes(1 << 20))
+    small = d / "small.bin"
+    small.write_bytes(rng.randbytes(10000))
+    tiny = d / "tiny.bin"
+    tiny.write_bytes(b"\x07")
+    zeros = d / "zeros.bin"
+    zeros.write_bytes(bytes(2 * PS + 1))
+    sums = {p.name: sha256(p) for p in (big, small, tiny, zeros)}
+    yield Inputs(big, small, tiny, zeros, sums)
+    big.unlink()
+
+
+def small_files(directory: Path, count: int = 8, size: int = 3 * PS) -> list[Path]:
+    """Several one-packet files: their packets go to every channel in turn."""
+    directory.mkdir()
+    rng = random.Random(count)
+    files = []
+    for i in range(count):
+        path = directory / f"f{i}"
+        path.write_bytes(rng.randbytes(size))
+        files.append(path)
+    return files
+
+
+# --- demo ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("channels", "rounds"), [(2, None), (1, 1), (4, 1)])
+def test_demo_json(channels: int, rounds: int | None) -> None:
+    args = ["demo", "--size", "16M", "--channels", str(channels), "--json"]
+    if rounds is not None:
+        args += ["--rounds", str(rounds)]
+    res = run(*args)
+    assert res.rc == 0, res.err
+    assert len(res.out.strip().splitlines()) == 1, res.out
+    out = json.loads(res.out)
+    assert out["status"] == "completed"
+    assert out["verified"] is True
+    assert out["channels"] == channels
+    assert len(out["per-channel"]) == channels
+    ram = out["ram"]
+    expected_pages = ((16 << 20) + BIOS) // PS
+    assert ram["total"] == (16 << 20) + BIOS
+    assert ram["page-size"] == PS
+    if rounds == 1:
+        assert ram["normal"] + ram["duplicate"] == expected_pages
+    else:  # later rounds send the dirtied pages again
+        assert ram["normal"] + ram["duplicate"] > expected_pages
+    dst = out["destination"]
+    assert dst["status"] == "completed"
+    assert dst["role"] == "destination"
+    assert (dst["ram"]["normal"], dst["ram"]["duplicate"]) == (ram["normal"], ram["duplicate"])
+    assert dst["ram"]["multifd-bytes"] == ram["multifd-bytes"]
+
+
+def test_demo_human_output() -> None:
+    res = run("demo", "--size", "4M", "--channels", "2")
+    assert res.rc == 0, res.err
+    assert res.out.startswith("demo migration: completed")
+    assert "verified" in res.out
+    assert "destination equals source" in res.out
+    assert res.err == ""  # no progress bar when stderr is not a terminal
+
+
+# --- send / recv --------------------------------------------------------------------------
+
+
+def test_send_recv_files(tmp_path: Path, inputs: Inputs) -> None:
+    out_dir = tmp_path / "out"
+    t0 = time.monotonic()
+    with receiver(tmp_path / "ready", out_dir, "--channels", "4", "--json") as (recv, port):
+        sent = run(*sender(port, "--channels", "4", "--json", *map(str, inputs.all)))
+        received = finish(recv)
+    seconds = time.monotonic() - t0
+    assert sent.rc == 0, sent.err
+    assert received.rc == 0, received.err
+    assert seconds < 40
+
+    src = json.loads(sent.out)
+    assert src["status"] == "completed"
+    assert src["channels"] == 4
+    sizes = {p.name: p.stat().st_size for p in inputs.all}
+    total_pages = sum(pages(s) for s in sizes.values())
+    assert src["ram"]["total"] == total_pages * PS
+    assert src["ram"]["normal"] + src["ram"]["duplicate"] == total_pages
+
+    dst = json.loads(received.out)
+    assert dst["status"] == "completed"
+    assert dst["role"] == "destination"
+    assert dst["files"] == {name: str(out_dir / name) for name in sizes}
+    assert (dst["ram"]["normal"], dst["ram"]["duplicate"]) == (
+        src["ram"]["normal"],
+        src["ram"]["duplicate"],
+    )
+
+    assert sorted(os.listdir(out_dir)) == sorted(sizes)  # no .part left
+    for name, size in sizes.items():
+        assert (out_dir / name).stat().st_size == size, name
+        assert sha256(out_dir / name) == inputs.sums[name], name
+    (out_dir / inputs.big.name).unlink()
+
+
+def test_send_recv_human_output_and_matching_uuid(tmp_path: Path) -> None:
+    files = small_files(tmp_path / "in", count=3)
+    out_dir = tmp_path / "out"
+    uuid = "0b4c1b7e-3a57-4f0d-9c36-1d7e0c1c2a55"
+    with receiver(tmp_path / "ready", out_dir, "--uuid", uuid) as (recv, port):
+        sent = run(*sender(port, "--uuid", uuid, *map(str, files)))
+        received = finish(recv)
+    assert sent.rc == 0, sent.err
+    assert received.rc == 0, received.err
+    assert sent.out.startswith("send: completed")
+    assert received.out.startswith("recv: completed")
+    assert str(out_dir / "f0") in received.out
+    for f in files:
+        assert (out_dir / f.name).read_bytes() == f.read_bytes()
+
+
+def test_channel_count_mismatch_fewer_senders(tmp_path: Path, inputs: Inputs) -> None:
+    """recv waits for 4 channels, only 2 come: both ends fail and recv leaves nothing behind."""
+    out_dir = tmp_path / "out"
+    t0 = time.monotonic()
+    # recv's --timeout bounds the wait for the missing connections: keep it short
+    with receiver(tmp_path / "ready", out_dir, "--channels", "4", timeout=4) as (recv, port):
+        with spawn(*sender(port, "--channels", "2", str(inputs.big))) as send:
+            received = finish(recv, 20)
+            sent = finish(send, 20)
+    assert time.monotonic() - t0 < 20
+    assert received.rc == 1
+    assert "MigrationTimeout" in one_line_error(received, "recv")
+    assert sent.rc == 1
+    one_line_error(sent, "send")
+    assert os.listdir(out_dir) == []
+
+
+def test_channel_count_mismatch_more_senders(tmp_path: Path) -> None:
+    files = small_files(tmp_path / "in")
+    out_dir = tmp_path / "out"
+    with receiver(tmp_path / "ready", out_dir, "--channels", "2") as (recv, port):
+        with spawn(*sender(port, "--channels", "4", *map(str, files))) as send:
+            received = finish(recv, 20)
+            finish(send, 20)  # it may or may not notice before it has written everything
+    if received.rc == 0:
+        wrong = [f.name for f in files if (out_dir / f.name).read_bytes() != f.read_bytes()]
+        assert not wrong, f"recv exited 0 but these files differ from the source: {wrong}"
+    assert received.rc == 1
+    assert "BadChannelId" in one_line_error(received, "recv")
+    assert os.listdir(out_dir) == []
+
+
+def test_uuid_mismatch(tmp_path: Path, inputs: Inputs) -> None:
+    out_dir = tmp_path / "out"
+    x = "11111111-1111-1111-1111-111111111111"
+    y = "22222222-2222-2222-2222-222222222222"
+    with receiver(tmp_path / "ready", out_dir, "--uuid", x) as (recv, port):
+        with spawn(*sender(port, "--uuid", y, str(inputs.big))) as send:
+            received = finish(recv, 20)
+            sent = finish(send, 20)
+    assert received.rc == 1
+    line = one_line_error(received, "recv")
+    assert "uuid" in line.lower()
+    assert y in line and x in line
+    assert sent.rc == 1
+    one_line_error(sent, "send")
+    assert os.listdir(out_dir) == []
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15])
+def test_sender_killed_mid_transfer(tmp_path: Path, inputs: Inputs, delay: float) -> None:
+    """kill -9 of the sender ``delay`` s after recv made its .part file: recv fails promptly
+    with one line and removes the .part (even when the error still holds views of its mmap)."""
+    out_dir = tmp_path / "out"
+    part = out_dir / (inputs.big.name + ".part")
+    with receiver(tmp_path / "ready", out_dir, "--channels", "4") as (recv, port):
+        with spawn(*sender(port, "--channels", "4", str(inputs.big))) as send:
+            deadline = time.monotonic() + 10
+            while not part.exists():
+                assert send.poll() is None and recv.poll() is None, "ended before receiving"
+                assert time.monotonic() < deadline, "recv never created the .part file"
+                time.sleep(0.005)
+            time.sleep(delay)
+            assert send.poll() is None, "the transfer finished before the kill"
+            os.kill(send.pid, signal.SIGKILL)
+            send.wait(5)
+            killed = time.monotonic()
+            received = finish(recv, 15)
+    assert time.monotonic() - killed < 15
+    assert received.rc == 1
+    one_line_error(received, "recv")
+    assert os.listdir(out_dir) == []
+
+
+# --- plugins ------------------------------------------------------------------------------
+
+
+def test_plugins_json() -> None:
+    res = run("plugins", "--json")
+    assert res.rc == 0, res.err
+    out = json.loads(res.out)
+    none = [m for m in out["methods"] if m["value"] == 0]
+    assert len(none) == 1
+    assert none[0]["name"] == "none"
+    assert none[0]["flags"] == 0
+    assert "multifd-core" in none[0]["distribution"]
+    assert isinstance(out["problems"], list)
+
+
+def test_plugins_plain() -> None:
+    res = run("plugins")
+    assert res.rc == 0, res.err
+    assert any(
+        re.match(r"0\s+flags 0x00\s+none\s+multifd-core", line) for line in res.out.splitlines()
+    ), res.out
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+def test_unknown_compression() -> None:
+    res = run("demo", "--size", "1M", "--compression", "nope")
+    assert res.rc == 1
+    assert "nope" in one_line_error(res, "demo")
+    assert res.out == ""
+
+
+@pytest.fixture
+def dead_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connections to it are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+def test_send_nothing_listening(dead_port: int, inputs: Inputs) -> None:
+    t0 = time.monotonic()
+    res = run(*sender(dead_port, str(inputs.small)), timeout=20)
+    assert time.monotonic() - t0 < 20
+    assert res.rc == 1
+    assert f"127.0.0.1:{dead_port}" in one_line_error(res, "send")
+
+
+def test_send_empty_file(tmp_path: Path, dead_port: int) -> None:
+    empty = tmp_path / "empty.bin"
+    empty.touch()
+    res = run(*sender(dead_port, str(empty)))
+    assert res.rc == 1
+    assert "empty" in one_line_error(res, "send")
+
+
+def test_send_missing_file(tmp_path: Path, dead_port: int) -> None:
+    res = run(*sender(dead_port, str(tmp_path / "absent.bin")))
+    assert res.rc == 1
+    assert "absent.bin" in one_line_error(res, "send")
+
+
+def test_bad_size() -> None:
+    res = run("demo", "--size", "12Q")
+    assert res.rc == 2
+    assert "bad size '12Q'" in res.err
+    assert res.out == ""
