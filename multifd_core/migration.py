@@ -560,6 +560,7 @@ class Destination:
                 await state.recv_sync_main()
             elif isinstance(ev, ms.Page):
                 block = self.blocks[ev.block]
+                block.note_written((ev.offset,))
                 block.host[ev.offset : ev.offset + self.page_size] = ev.data
                 stats.inline_pages += 1
             elif isinstance(ev, ms.RamBlocks):

@@ -33,7 +33,9 @@ class RAMBlock:
     writable for a destination (a source may send from read-only memory).
     """
 
-    def __init__(self, name: str, memory: Any, page_size: int = 4096) -> None:
+    def __init__(
+        self, name: str, memory: Any, page_size: int = 4096, *, known_zero: bool = False
+    ) -> None:
         encode_block_name(name)
         check_page_size(page_size)
         mv = memoryview(memory)
@@ -53,6 +55,10 @@ class RAMBlock:
         self.page_size = page_size
         self.npages = self.size // page_size
         self._dirty = bytearray(self.npages)
+        # known_zero: the memory is all zero now (fresh anonymous memory, a new file); then the
+        # destination tracks which pages it wrote, and zero records for the others cost nothing
+        # (testing them would fault every page in)
+        self._written: bytearray | None = bytearray(self.npages) if known_zero else None
         # bytearray/bytes compare in place; other buffers (mmap, arrays) through a page copy
         self._direct = memory if type(memory) in (bytearray, bytes) else None
 
@@ -64,7 +70,7 @@ class RAMBlock:
         """A zero-filled anonymous block (an anonymous mmap: pages cost nothing until touched)."""
         if size <= 0:
             raise ConfigError(f"block {name!r}: size {size} must be positive")
-        return cls(name, mmap.mmap(-1, size), page_size)
+        return cls(name, mmap.mmap(-1, size), page_size, known_zero=True)
 
     @classmethod
     def from_file(
@@ -80,6 +86,7 @@ class RAMBlock:
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
         fd = os.open(path, flags, 0o644)
         try:
+            was_empty = os.fstat(fd).st_size == 0
             if size is not None:
                 os.ftruncate(fd, size)
             length = os.fstat(fd).st_size
@@ -88,7 +95,7 @@ class RAMBlock:
             mem = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        return cls(name, mem, page_size)
+        return cls(name, mem, page_size, known_zero=was_empty)
 
     def close(self) -> None:
         """Release the memoryview and close an mmap backing (flushing a file mapping)."""
@@ -112,11 +119,26 @@ class RAMBlock:
         """Make the page hold ``fill`` bytes (QEMU's ram_handle_compressed): a page already zero
         is left untouched, so fresh anonymous memory is not faulted in."""
         ps = self.page_size
+        written = self._written
         if fill == 0:
-            if not self.is_zero_page(offset):
+            if written is not None:
+                if written[offset // ps]:
+                    self.host[offset : offset + ps] = zero_page(ps)
+                    written[offset // ps] = 0
+            elif not self.is_zero_page(offset):
                 self.host[offset : offset + ps] = zero_page(ps)
         else:
             self.host[offset : offset + ps] = bytes((fill,)) * ps
+            if written is not None:
+                written[offset // ps] = 1
+
+    def note_written(self, offsets: Sequence[int]) -> None:
+        """Record that the pages at ``offsets`` were written (see ``known_zero``)."""
+        written = self._written
+        if written is not None:
+            ps = self.page_size
+            for off in offsets:
+                written[off // ps] = 1
 
     def page_runs(self, offsets: Sequence[int]) -> list[memoryview]:
         """The pages at ``offsets`` as memoryviews, contiguous pages joined into one view."""

@@ -146,6 +146,7 @@ class MultiFDRecvChannel:
     async def _recv_pages(self, packet: MultiFDPacket) -> None:
         block = self.state.blocks[packet.ramblock]
         if packet.normal_pages:
+            block.note_written(packet.normal_offsets)
             runs = block.page_runs(packet.normal_offsets)
             what = f"packet {packet.packet_num} payload"
             if self.method.raw_payload:
