@@ -917,10 +917,21 @@ class MainStreamParser:
     def _eos(self, flags: int, offset: int) -> _Step:
         if flags != RAM_SAVE_FLAG_EOS or offset:
             raise MainStreamError(f"bad EOS record: offset {offset:#x}, {_flag_names(flags)}")
+        # The round ends at the EOS record itself, not at the section footer after it: QEMU 7.2
+        # flushes its stream right after the EOS but writes the footer into its buffer, where it
+        # can stay while the source blocks on full multifd channels (their SYNC is in, so they
+        # wait for this round end). QEMU's own loader syncs on reading the EOS.
+        self._pos += 8
+        event = RoundEnd(self._kind, self._round)
+        self._round += 1
+        self._step = self._footer
+        return event
+
+    def _footer(self) -> _Step:
         buf, pos = self._buf, self._pos
-        if len(buf) - pos < 13:
+        if len(buf) - pos < 5:
             return NEED_DATA
-        marker, section_id = _SECTION.unpack_from(buf, pos + 8)
+        marker, section_id = _SECTION.unpack_from(buf, pos)
         if marker != QEMU_VM_SECTION_FOOTER:
             raise MainStreamError(
                 f"missing section footer after the RAM EOS: byte {marker:#04x}, expected "
@@ -931,15 +942,12 @@ class MainStreamParser:
                 f"section footer id {section_id} does not match the RAM section id "
                 f"{self.section_id}"
             )
-        self._pos = pos + 13
-        event = RoundEnd(self._kind, self._round)
-        self._round += 1
+        self._pos = pos + 5
         if self._kind == QEMU_VM_SECTION_END:
-            self._pending.append(RamEnd())
             self._step = self._after_ram
-        else:
-            self._step = self._next_section
-        return event
+            return RamEnd()
+        self._step = self._next_section
+        return None
 
     def _next_section(self) -> _Step:
         buf, pos = self._buf, self._pos
