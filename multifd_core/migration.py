@@ -31,7 +31,7 @@ from .errors import (
     UuidMismatch,
 )
 from .methods import MethodRegistry, MultiFDMethod, load_methods
-from .ram import RAMBlock, iter_dirty
+from .ram import RAMBlock, ZeroScanner, iter_dirty
 from .recv import MultiFDRecvChannel, MultiFDRecvState, Report
 from .send import MultiFDSendChannel, MultiFDSendState, default_thread_limit
 from .stats import MigrationStats
@@ -264,7 +264,7 @@ class Source:
         for block in self.blocks:
             await state.set_block(block)  # QEMU cuts a packet when the block changes
             bitmap = block.sync_dirty_bitmap()
-            is_zero = block.is_zero_page
+            is_zero = ZeroScanner(block, bitmap).is_zero
             name = block.name
             queue_page = state.queue_page
             for offset in iter_dirty(bitmap, block.page_size):

@@ -179,6 +179,39 @@ class RAMBlock:
         return taken
 
 
+class ZeroScanner:
+    """Zero-page tests over one round's dirty pages, at memcmp speed.
+
+    bytearray blocks are compared in place; other memory (mmap, files) is copied a run of dirty
+    pages at a time (at most ``window`` pages) into one reused buffer, instead of a new bytes
+    object per page.
+    """
+
+    def __init__(self, block: RAMBlock, bitmap: bytearray, window: int = 64) -> None:
+        self.block = block
+        self.bitmap = bitmap
+        self.window = window
+        self.zero = zero_page(block.page_size)
+        self.direct = block._direct
+        self.scratch = bytearray(window * block.page_size) if self.direct is None else None
+        self.start = self.end = 0
+
+    def is_zero(self, offset: int) -> bool:
+        if self.direct is not None:
+            return self.direct.startswith(self.zero, offset)
+        if not self.start <= offset < self.end:
+            ps = self.block.page_size
+            page = offset // ps
+            run_end = self.bitmap.find(0, page, page + self.window)
+            pages = (run_end if run_end >= 0 else min(page + self.window, len(self.bitmap))) - page
+            n = pages * ps
+            assert self.scratch is not None
+            self.scratch[:n] = self.block.host[offset : offset + n]
+            self.start, self.end = offset, offset + n
+        assert self.scratch is not None
+        return self.scratch.startswith(self.zero, offset - self.start)
+
+
 def iter_dirty(bitmap: bytearray, page_size: int) -> Iterator[int]:
     """Yield the byte offsets of the pages set in ``bitmap``, in order (C-level search)."""
     find = bitmap.find

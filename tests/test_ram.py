@@ -61,3 +61,28 @@ def test_bad_blocks() -> None:
         RAMBlock("x" * 256, bytearray(PS))
     with pytest.raises(ConfigError):
         RAMBlock("ram", bytearray(PS), page_size=3000)
+
+
+@pytest.mark.parametrize("backing", ["bytearray", "mmap"])
+def test_zero_scanner_agrees_with_is_zero_page(backing: str) -> None:
+    import random
+
+    from multifd_core.image import vm_like_image
+    from multifd_core.ram import ZeroScanner
+
+    npages = 300
+    image = vm_like_image(npages * PS, PS, seed=4)
+    if backing == "mmap":
+        b = RAMBlock.allocate("ram", npages * PS)
+        b.host[:] = image
+    else:
+        b = RAMBlock("ram", image)
+    rng = random.Random(1)
+    for off in rng.sample(range(npages), 120):  # sparse and dense runs of dirty pages
+        b.mark_dirty(off * PS)
+    b.mark_dirty(100 * PS, 90 * PS)
+    bitmap = b.sync_dirty_bitmap()
+    scanner = ZeroScanner(b, bitmap, window=16)
+    got = [scanner.is_zero(off) for off in iter_dirty(bitmap, PS)]
+    want = [b.is_zero_page(off) for off in iter_dirty(bitmap, PS)]
+    assert got == want and any(got) and not all(got)
