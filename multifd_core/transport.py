@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
-import trio.testing
 
 from .errors import ChannelClosed, ChannelError
 
@@ -111,6 +110,8 @@ class MemoryNetwork:
         self.opened: list[trio.abc.Stream] = []
 
     async def connect(self) -> trio.abc.Stream:
+        import trio.testing  # imports pytest: only where memory streams are used
+
         near, far = trio.testing.memory_stream_pair()
         self.opened += [near, far]
         await self._send.send(far)
