@@ -234,6 +234,7 @@ class Source:
         await self._round(last=True)
         assert self.state is not None
         await self.state.quit()
+        await self.aclose()  # the end of every stream tells the destination we are done
         self.completed = True
         self.stats.finish("completed")
         return self.stats

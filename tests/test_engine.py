@@ -337,3 +337,21 @@ async def test_unix_socket_transport(tmp_path) -> None:
             blocks, unix_connector(path), acceptor, channels=3, rounds=2, dirty_per_round=10
         )
     assert_same(blocks, res["blocks"])
+
+
+async def test_destination_completes_while_source_context_stays_open() -> None:
+    blocks = make_blocks({"pc.ram": 1 << 20}, 4096)
+    net = MemoryNetwork()
+    done = trio.Event()
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+
+            async def destination() -> None:
+                async with open_destination(net.accept, channels=2) as dst:
+                    await dst.wait()
+                done.set()
+
+            nursery.start_soon(destination)
+            async with open_source(blocks, net.connect, channels=2) as src:
+                await src.complete()
+                await done.wait()  # would hang if the source kept its streams open
