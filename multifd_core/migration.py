@@ -31,7 +31,7 @@ from .errors import (
     UuidMismatch,
 )
 from .methods import MethodRegistry, MultiFDMethod, load_methods
-from .ram import RAMBlock, ZeroScanner, iter_dirty
+from .ram import RAMBlock, ZeroScanner
 from .recv import MultiFDRecvChannel, MultiFDRecvState, Report
 from .send import MultiFDSendChannel, MultiFDSendState, default_thread_limit
 from .stats import MigrationStats
@@ -52,6 +52,8 @@ BlockFactory = Callable[[str, int, int], RAMBlock]
 
 #: Main-channel bytes buffered before they are written out mid-round.
 MAIN_FLUSH_BYTES = 256 * 1024
+#: Zero pages gathered before their records are written.
+ZERO_BATCH = 4096
 QEVM = b"QEVM"
 
 
@@ -250,6 +252,22 @@ class Source:
         finally:
             self._busy = False
 
+    def _progress(self, sent: int) -> None:
+        stats = self.stats
+        stats.dirty_pages_remaining -= sent - stats.pages_this_round
+        stats.pages_this_round = sent
+
+    async def _send_zero_pages(self, block: RAMBlock, zeros: list[int]) -> int:
+        """Zero-page records on the main channel for ``zeros`` (then cleared); returns the count."""
+        n = len(zeros)
+        if n:
+            self.writer.zero_pages(block.name, zeros)
+            zeros.clear()
+            self.stats.zero_pages += n
+            if self.writer.pending() >= MAIN_FLUSH_BYTES:
+                await self._flush_main()
+        return n
+
     async def _send_dirty(self, last: bool) -> int:
         state = self.state
         assert state is not None
@@ -266,19 +284,25 @@ class Source:
             await state.set_block(block)  # QEMU cuts a packet when the block changes
             bitmap = block.sync_dirty_bitmap()
             is_zero = ZeroScanner(block, bitmap).is_zero
-            name = block.name
             queue_page = state.queue_page
-            for offset in iter_dirty(bitmap, block.page_size):
+            zeros: list[int] = []
+            ps = block.page_size
+            find = bitmap.find
+            i = find(1)
+            # the per-page loop is kept lean: records and counters are written in batches
+            while i >= 0:
+                offset = i * ps
                 if is_zero(offset):
-                    w.zero_page(name, offset)
-                    stats.zero_pages += 1
-                    if w.pending() >= MAIN_FLUSH_BYTES:
-                        await self._flush_main()
+                    zeros.append(offset)
+                    if len(zeros) >= ZERO_BATCH:
+                        sent += await self._send_zero_pages(block, zeros)
                 elif queue_page(offset):
+                    sent += state.pages_per_packet
+                    self._progress(sent)
                     await state.send_pages()
-                sent += 1
-                stats.pages_this_round = sent
-                stats.dirty_pages_remaining -= 1
+                i = find(1, i + 1)
+            sent += await self._send_zero_pages(block, zeros) + len(state.offsets)
+            self._progress(sent)
         await state.send_sync_main()
         w.eos()
         if last and self.device_state is None:
