@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import trio
@@ -31,6 +31,7 @@ from .methods import MultiFDMethod, RecvContext, SendContext
 from .migration import library_errors, open_destination, open_source
 from .nocomp import NocompRecv, NocompSend
 from .ram import RAMBlock
+from .stats import MigrationStats
 from .transport import MemoryNetwork, open_tcp_acceptor, tcp_connector
 
 PAGE = 4096
@@ -52,6 +53,81 @@ def _join(parts: Sequence[Any]) -> bytes:
 def prepare(ctx: SendContext, pages: Sequence[bytes]) -> bytes:
     """One packet's payload for ``pages`` through a send context."""
     return _join(ctx.send_prepare([memoryview(p) for p in pages]))
+
+
+# --- helpers for a plugin's own tests --------------------------------------------------------
+
+#: Some 11 KB of compressible text: the source of the text pages of :func:`mixed_pages`.
+TEXT = b"".join(b"line %5d: the quick brown fox jumps over the lazy dog\n" % i for i in range(200))
+
+
+def mixed_pages(n: int, seed: int) -> list[bytes]:
+    """``n`` pages of a VM-like mix: zero, random, text, repeated and half-filled pages.
+
+    The same ``(n, seed)`` always gives the same pages, so golden payloads stay valid.
+    """
+    rng = random.Random(seed)
+    pages: list[bytes] = []
+    for _ in range(n):
+        kind = rng.randrange(6)
+        if kind == 0:
+            page = bytes(PAGE)
+        elif kind == 1:
+            page = rng.randbytes(PAGE)
+        elif kind == 2:
+            at = rng.randrange(len(TEXT) - PAGE)
+            page = TEXT[at : at + PAGE]
+        elif kind == 3 and pages:
+            page = rng.choice(pages)
+        elif kind == 4:
+            page = rng.randbytes(PAGE // 2) + bytes(PAGE // 2)
+        else:
+            page = bytes([rng.randrange(256)]) * 64 + rng.randbytes(64) * 63
+        pages.append(page)
+    return pages
+
+
+def page_views(buf: bytearray, runs: Sequence[int]) -> list[memoryview]:
+    """Views of ``buf`` split into runs of the given page counts (the engine sends runs).
+
+    The runs must cover ``buf`` exactly.
+    """
+    mv = memoryview(buf)
+    out, at = [], 0
+    for count in runs:
+        out.append(mv[at : at + count * PAGE])
+        at += count * PAGE
+    assert at == len(buf)
+    return out
+
+
+def random_runs(npages: int, rng: random.Random) -> list[int]:
+    """Split ``npages`` into runs of 1 to 8 pages, drawn from ``rng``."""
+    runs = []
+    while npages:
+        n = rng.randint(1, min(npages, 8))
+        runs.append(n)
+        npages -= n
+    return runs
+
+
+def prepare_payload(
+    send_ctx: SendContext, pages: Sequence[bytes], runs: Sequence[int] | None = None
+) -> bytes:
+    """One packet's payload for ``pages``, given as views of runs of ``runs`` pages (default:
+    one view a page)."""
+    src = bytearray(b"".join(pages))
+    return _join(send_ctx.send_prepare(page_views(src, runs or [1] * len(pages))))
+
+
+def receive_payload(
+    recv_ctx: RecvContext, payload: bytes, npages: int, runs: Sequence[int] | None = None
+) -> bytes:
+    """Decode ``payload`` into ``npages`` fresh pages, given as views of runs of ``runs`` pages
+    (default: one view a page); return their bytes."""
+    dst = bytearray(npages * PAGE)
+    recv_ctx.recv_pages(memoryview(payload), page_views(dst, runs or [1] * npages))
+    return bytes(dst)
 
 
 class Guarded:
@@ -135,6 +211,48 @@ async def migrate_pair(
         if acceptor is not None:
             await acceptor.aclose()
     return bytes(memory), got["pc.ram"].host.tobytes()
+
+
+async def migrate_by_name(
+    method: str,
+    method_options: Mapping[str, Any] | None = None,
+    *,
+    channels: int = 2,
+    size: int = 4 << 20,
+    seed: int = 5,
+) -> tuple[bytes, bytes, MigrationStats, MigrationStats]:
+    """Migrate a VM-like image in two rounds over in-memory channels, the method picked by
+    name from the registry on both sides (``method_options`` go to the source), 300 pages
+    (drawn from ``random.Random(channels)``) changed between the rounds.
+
+    Returns (source image, destination image, source stats, destination stats).
+    """
+    rng = random.Random(channels)
+    block = RAMBlock("pc.ram", vm_like_image(size, PAGE, seed), PAGE)
+    net = MemoryNetwork()
+    blocks: dict[str, RAMBlock] = {}
+    dst_stats: list[MigrationStats] = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+
+            async def destination() -> None:
+                async with open_destination(net.accept, channels=channels, method=method) as dst:
+                    dst_stats.append(await dst.wait())
+                blocks.update(dst.blocks)
+
+            nursery.start_soon(destination)
+            async with open_source(
+                [block],
+                net.connect,
+                channels=channels,
+                method=method,
+                method_options=method_options,
+            ) as src:
+                await src.send_round()
+                for off in dirty_some_pages(block.memory, PAGE, 300, rng, 1):
+                    block.mark_dirty(off)
+                src_stats = await src.complete()
+    return bytes(block.memory), blocks["pc.ram"].host.tobytes(), src_stats, dst_stats[0]
 
 
 class MethodConformance:

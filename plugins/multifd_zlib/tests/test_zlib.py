@@ -8,67 +8,20 @@ import tracemalloc
 import zlib
 
 import pytest
+import trio
 from multifd_zlib import ZlibMethod, ZlibRecv, ZlibSend
 
 import multifd_core
 from multifd_core.errors import ConfigError, DecompressionError
-
-PAGE = 4096
-TEXT = b"".join(b"line %5d: the quick brown fox jumps over the lazy dog\n" % i for i in range(200))
-
-
-def vm_pages(n: int, seed: int) -> list[bytes]:
-    """A VM-like mix: zero, random, text, repeated and half-filled pages."""
-    rng = random.Random(seed)
-    pages: list[bytes] = []
-    for _ in range(n):
-        kind = rng.randrange(6)
-        if kind == 0:
-            page = bytes(PAGE)
-        elif kind == 1:
-            page = rng.randbytes(PAGE)
-        elif kind == 2:
-            at = rng.randrange(len(TEXT) - PAGE)
-            page = TEXT[at : at + PAGE]
-        elif kind == 3 and pages:
-            page = rng.choice(pages)
-        elif kind == 4:
-            page = rng.randbytes(PAGE // 2) + bytes(PAGE // 2)
-        else:
-            page = bytes([rng.randrange(256)]) * 64 + rng.randbytes(64) * 63
-        pages.append(page)
-    return pages
-
-
-def views(buf: bytearray, runs: list[int]) -> list[memoryview]:
-    """Views of ``buf`` split into runs of the given page counts (the engine sends runs)."""
-    mv = memoryview(buf)
-    out, at = [], 0
-    for count in runs:
-        out.append(mv[at : at + count * PAGE])
-        at += count * PAGE
-    assert at == len(buf)
-    return out
-
-
-def split_runs(npages: int, rng: random.Random) -> list[int]:
-    runs = []
-    while npages:
-        n = rng.randint(1, min(npages, 8))
-        runs.append(n)
-        npages -= n
-    return runs
-
-
-def packet(send: ZlibSend, pages: list[bytes], runs: list[int] | None = None) -> bytes:
-    src = bytearray(b"".join(pages))
-    return b"".join(send.send_prepare(views(src, runs or [1] * len(pages))))
-
-
-def receive(recv: ZlibRecv, payload: bytes, npages: int, runs: list[int] | None = None) -> bytes:
-    dst = bytearray(npages * PAGE)
-    recv.recv_pages(memoryview(payload), views(dst, runs or [1] * npages))
-    return bytes(dst)
+from multifd_core.testing import (
+    PAGE,
+    TEXT,
+    migrate_by_name,
+    mixed_pages,
+    prepare_payload,
+    random_runs,
+    receive_payload,
+)
 
 
 def pair() -> tuple[ZlibSend, ZlibRecv]:
@@ -107,7 +60,7 @@ def test_payload_size_bounds_real_payloads() -> None:
     send, _ = pair()
     rng = random.Random(1)
     for _ in range(3):  # incompressible pages: the worst case
-        size = len(packet(send, [rng.randbytes(PAGE) for _ in range(128)]))
+        size = len(prepare_payload(send, [rng.randbytes(PAGE) for _ in range(128)]))
         assert size <= high
         assert size <= 128 * PAGE + (128 * PAGE >> 12) + (128 * PAGE >> 14) + 13 + 6
 
@@ -116,13 +69,16 @@ def test_payload_size_bounds_real_payloads() -> None:
 
 
 def test_golden_payloads_equal_qemu_stream() -> None:
-    packets = [vm_pages(128, seed) for seed in range(4)] + [vm_pages(1, 9), vm_pages(37, 10)]
+    packets = [mixed_pages(128, seed) for seed in range(4)] + [
+        mixed_pages(1, 9),
+        mixed_pages(37, 10),
+    ]
     send, recv = pair()
     ref = zlib.compressobj(1)
     payloads = []
     for i, pages in enumerate(packets):
-        runs = split_runs(len(pages), random.Random(i))
-        payload = packet(send, pages, runs)
+        runs = random_runs(len(pages), random.Random(i))
+        payload = prepare_payload(send, pages, runs)
         assert payload == ref.compress(b"".join(pages)) + ref.flush(zlib.Z_SYNC_FLUSH)
         assert payload.endswith(b"\x00\x00\xff\xff")
         payloads.append(payload)
@@ -132,17 +88,17 @@ def test_golden_payloads_equal_qemu_stream() -> None:
     # the whole channel is one zlib stream
     assert zlib.decompressobj().decompress(b"".join(payloads)) == b"".join(map(b"".join, packets))
     for pages, payload in zip(packets, payloads, strict=True):
-        assert receive(recv, payload, len(pages)) == b"".join(pages)
+        assert receive_payload(recv, payload, len(pages)) == b"".join(pages)
 
 
 def test_level_option_changes_stream() -> None:
-    pages = vm_pages(64, 3)
+    pages = mixed_pages(64, 3)
     send = ZlibMethod(level=9).send_setup(0)
     payload = b"".join(send.send_prepare([memoryview(p) for p in pages]))
     ref = zlib.compressobj(9)
     assert payload == ref.compress(b"".join(pages)) + ref.flush(zlib.Z_SYNC_FLUSH)
     assert payload.startswith(b"\x78\xda")
-    assert receive(ZlibRecv(), payload, 64) == b"".join(pages)
+    assert receive_payload(ZlibRecv(), payload, 64) == b"".join(pages)
 
 
 # --- round trips --------------------------------------------------------------------------
@@ -154,13 +110,13 @@ def test_round_trip_many_packets_with_history() -> None:
     seen: list[bytes] = []
     for i in range(60):
         n = rng.choice([1, 2, 7, 64, 128])
-        pages = vm_pages(n, 100 + i)
+        pages = mixed_pages(n, 100 + i)
         if seen and i % 3 == 0:  # pages sent before: history makes them nearly free
             pages[: min(n, 4)] = rng.sample(seen, min(n, 4, len(seen)))
         seen.extend(pages)
-        runs = split_runs(n, rng)
-        payload = packet(send, pages, runs)
-        assert receive(recv, payload, n, split_runs(n, rng)) == b"".join(pages)
+        runs = random_runs(n, rng)
+        payload = prepare_payload(send, pages, runs)
+        assert receive_payload(recv, payload, n, random_runs(n, rng)) == b"".join(pages)
 
 
 def test_zero_random_text_pages() -> None:
@@ -171,9 +127,9 @@ def test_zero_random_text_pages() -> None:
         [rng.randbytes(PAGE) for _ in range(128)],
         [TEXT[i * 10 : i * 10 + PAGE] for i in range(128)],
     ):
-        payload = packet(send, pages)
-        assert receive(recv, payload, len(pages)) == b"".join(pages)
-    zero = packet(send, [bytes(PAGE)] * 128)
+        payload = prepare_payload(send, pages)
+        assert receive_payload(recv, payload, len(pages)) == b"".join(pages)
+    zero = prepare_payload(send, [bytes(PAGE)] * 128)
     assert len(zero) < 4096  # level 1 matches are at most 258 bytes: ~230:1
 
 
@@ -183,20 +139,20 @@ def test_two_channels_interleaved() -> None:
     recvs = [method.recv_setup(0), method.recv_setup(1)]
     for i in range(20):
         for ch in (0, 1):
-            pages = vm_pages(16, 1000 * ch + i)
-            payload = packet(sends[ch], pages)  # type: ignore[arg-type]
-            assert receive(recvs[ch], payload, 16) == b"".join(pages)  # type: ignore[arg-type]
+            pages = mixed_pages(16, 1000 * ch + i)
+            payload = prepare_payload(sends[ch], pages)
+            assert receive_payload(recvs[ch], payload, 16) == b"".join(pages)
 
 
 def test_payload_needs_its_own_stream() -> None:
     send, recv = pair()
-    pages = vm_pages(32, 11)
-    first = packet(send, pages)
-    second = packet(send, pages)  # refers back to the first packet's bytes
+    pages = mixed_pages(32, 11)
+    first = prepare_payload(send, pages)
+    second = prepare_payload(send, pages)  # refers back to the first packet's bytes
     with pytest.raises(DecompressionError):
-        receive(ZlibRecv(), second, 32)
-    assert receive(recv, first, 32) == b"".join(pages)
-    assert receive(recv, second, 32) == b"".join(pages)
+        receive_payload(ZlibRecv(), second, 32)
+    assert receive_payload(recv, first, 32) == b"".join(pages)
+    assert receive_payload(recv, second, 32) == b"".join(pages)
 
 
 # --- hostile payloads --------------------------------------------------------------------------
@@ -211,7 +167,7 @@ def test_bomb_fails_fast_and_bounded() -> None:
     try:
         start = time.perf_counter()
         with pytest.raises(DecompressionError, match="more than"):
-            receive(recv, bomb, 1)
+            receive_payload(recv, bomb, 1)
         elapsed = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -224,82 +180,82 @@ def test_bomb_fails_fast_and_bounded() -> None:
 
 def test_more_output_than_pages() -> None:
     send, recv = pair()
-    pages = vm_pages(3, 12)
+    pages = mixed_pages(3, 12)
     with pytest.raises(DecompressionError, match="more than"):
-        receive(recv, packet(send, pages), 2)
+        receive_payload(recv, prepare_payload(send, pages), 2)
 
 
 def test_less_output_than_pages() -> None:
     send, recv = pair()
-    pages = vm_pages(3, 13)
+    pages = mixed_pages(3, 13)
     with pytest.raises(DecompressionError, match="inflates to 12288 bytes"):
-        receive(recv, packet(send, pages), 4)
+        receive_payload(recv, prepare_payload(send, pages), 4)
 
 
 @pytest.mark.parametrize("cut", [1, 2, 4, 5, 100])
 def test_truncated(cut: int) -> None:
     send, recv = pair()
-    pages = vm_pages(8, 14)
-    payload = packet(send, pages)
+    pages = mixed_pages(8, 14)
+    payload = prepare_payload(send, pages)
     with pytest.raises(DecompressionError):
-        receive(recv, payload[:-cut], 8)
+        receive_payload(recv, payload[:-cut], 8)
 
 
 @pytest.mark.parametrize("extra", [b"\x00", b"\x00\x00\xff", b"\x03\x00", bytes(range(40))])
 def test_trailing_bytes(extra: bytes) -> None:
     send, recv = pair()
-    pages = vm_pages(8, 15)
-    payload = packet(send, pages)
+    pages = mixed_pages(8, 15)
+    payload = prepare_payload(send, pages)
     with pytest.raises(DecompressionError):
-        receive(recv, payload + extra, 8)
+        receive_payload(recv, payload + extra, 8)
 
 
 def test_trailing_data_after_stream_end() -> None:
     c = zlib.compressobj(1)
-    pages = vm_pages(2, 16)
+    pages = mixed_pages(2, 16)
     ended = c.compress(b"".join(pages)) + c.flush(zlib.Z_FINISH) + b"\x00\x00\xff\xff"
     with pytest.raises(DecompressionError, match="final block"):
-        receive(ZlibRecv(), ended, 2)
+        receive_payload(ZlibRecv(), ended, 2)
 
 
 def test_finished_stream_refused() -> None:
     c = zlib.compressobj(1)
-    pages = vm_pages(2, 17)
+    pages = mixed_pages(2, 17)
     ended = c.compress(b"".join(pages)) + c.flush(zlib.Z_FINISH)
     with pytest.raises(DecompressionError):
-        receive(ZlibRecv(), ended, 2)
+        receive_payload(ZlibRecv(), ended, 2)
 
 
 def test_corrupt() -> None:
     send, recv = pair()
-    pages = vm_pages(8, 18)
-    first = packet(send, pages)
+    pages = mixed_pages(8, 18)
+    first = prepare_payload(send, pages)
     with pytest.raises(DecompressionError, match="corrupt"):
-        receive(ZlibRecv(), b"\x79" + first[1:], 8)  # bad zlib header check
-    assert receive(recv, first, 8) == b"".join(pages)
-    second = packet(send, pages)
+        receive_payload(ZlibRecv(), b"\x79" + first[1:], 8)  # bad zlib header check
+    assert receive_payload(recv, first, 8) == b"".join(pages)
+    second = prepare_payload(send, pages)
     with pytest.raises(DecompressionError, match="corrupt"):
-        receive(recv, b"\xff" + second[1:], 8)  # reserved block type
+        receive_payload(recv, b"\xff" + second[1:], 8)  # reserved block type
     rng = random.Random(19)
     for _ in range(20):
         garbage = b"\x78\x01" + rng.randbytes(2000) + b"\x00\x00\xff\xff"
         with pytest.raises(DecompressionError):
-            receive(ZlibRecv(), garbage, 8)
+            receive_payload(ZlibRecv(), garbage, 8)
 
 
 def test_stream_stays_broken_after_error() -> None:
     send, recv = pair()
-    pages = vm_pages(4, 20)
-    first = packet(send, pages)
+    pages = mixed_pages(4, 20)
+    first = prepare_payload(send, pages)
     with pytest.raises(DecompressionError):
-        receive(recv, first[:-1], 4)
+        receive_payload(recv, first[:-1], 4)
     with pytest.raises(DecompressionError, match="earlier error"):
-        receive(recv, first, 4)
+        receive_payload(recv, first, 4)
 
 
 def test_empty_payload() -> None:
     with pytest.raises(DecompressionError):
-        receive(ZlibRecv(), b"", 1)
+        receive_payload(ZlibRecv(), b"", 1)
 
 
 # --- through the engine -----------------------------------------------------------------------
@@ -308,42 +264,9 @@ def test_empty_payload() -> None:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_migration_through_the_engine(channels: int) -> None:
     """Two rounds over in-memory channels, the method picked by name from the registry."""
-    migration = pytest.importorskip("multifd_core.migration")
-    image = pytest.importorskip("multifd_core.image")
-    import trio
-
-    rng = random.Random(channels)
-    block = multifd_core.RAMBlock("pc.ram", image.vm_like_image(4 << 20, PAGE, 5), PAGE)
-    net = multifd_core.MemoryNetwork()
-    result: dict[str, object] = {}
-
-    async def run() -> None:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-
-                async def destination() -> None:
-                    async with migration.open_destination(
-                        net.accept, channels=channels, method="zlib"
-                    ) as dst:
-                        result["stats"] = await dst.wait()
-                    result["blocks"] = dst.blocks
-
-                nursery.start_soon(destination)
-                async with migration.open_source(
-                    [block],
-                    net.connect,
-                    channels=channels,
-                    method="zlib",
-                    method_options={"level": "6"},
-                ) as src:
-                    await src.send_round()
-                    for off in image.dirty_some_pages(block.memory, PAGE, 300, rng, 1):
-                        block.mark_dirty(off)
-                    result["src"] = await src.complete()
-
-    trio.run(run)
-    received = result["blocks"]["pc.ram"]  # type: ignore[index]
-    assert received.host.tobytes() == bytes(block.memory)
-    src, dst = result["src"], result["stats"]
-    assert src.normal_pages == dst.normal_pages > 0  # type: ignore[attr-defined]
-    assert dst.payload_bytes < dst.normal_pages * PAGE  # type: ignore[attr-defined]
+    sent, received, src, dst = trio.run(
+        lambda: migrate_by_name("zlib", {"level": "6"}, channels=channels)
+    )
+    assert received == sent
+    assert src.normal_pages == dst.normal_pages > 0
+    assert dst.payload_bytes < dst.normal_pages * PAGE

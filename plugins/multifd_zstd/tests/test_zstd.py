@@ -7,68 +7,21 @@ import time
 import tracemalloc
 
 import pytest
+import trio
 import zstandard
 from multifd_zstd import BLOCK_MAX, ZstdMethod, ZstdRecv, ZstdSend, compress_bound
 
 import multifd_core
 from multifd_core.errors import ConfigError, DecompressionError
-
-PAGE = 4096
-TEXT = b"".join(b"line %5d: the quick brown fox jumps over the lazy dog\n" % i for i in range(200))
-
-
-def vm_pages(n: int, seed: int) -> list[bytes]:
-    """A VM-like mix: zero, random, text, repeated and half-filled pages."""
-    rng = random.Random(seed)
-    pages: list[bytes] = []
-    for _ in range(n):
-        kind = rng.randrange(6)
-        if kind == 0:
-            page = bytes(PAGE)
-        elif kind == 1:
-            page = rng.randbytes(PAGE)
-        elif kind == 2:
-            at = rng.randrange(len(TEXT) - PAGE)
-            page = TEXT[at : at + PAGE]
-        elif kind == 3 and pages:
-            page = rng.choice(pages)
-        elif kind == 4:
-            page = rng.randbytes(PAGE // 2) + bytes(PAGE // 2)
-        else:
-            page = bytes([rng.randrange(256)]) * 64 + rng.randbytes(64) * 63
-        pages.append(page)
-    return pages
-
-
-def views(buf: bytearray, runs: list[int]) -> list[memoryview]:
-    """Views of ``buf`` split into runs of the given page counts (the engine sends runs)."""
-    mv = memoryview(buf)
-    out, at = [], 0
-    for count in runs:
-        out.append(mv[at : at + count * PAGE])
-        at += count * PAGE
-    assert at == len(buf)
-    return out
-
-
-def split_runs(npages: int, rng: random.Random) -> list[int]:
-    runs = []
-    while npages:
-        n = rng.randint(1, min(npages, 8))
-        runs.append(n)
-        npages -= n
-    return runs
-
-
-def packet(send: ZstdSend, pages: list[bytes], runs: list[int] | None = None) -> bytes:
-    src = bytearray(b"".join(pages))
-    return b"".join(send.send_prepare(views(src, runs or [1] * len(pages))))
-
-
-def receive(recv: ZstdRecv, payload: bytes, npages: int, runs: list[int] | None = None) -> bytes:
-    dst = bytearray(npages * PAGE)
-    recv.recv_pages(memoryview(payload), views(dst, runs or [1] * npages))
-    return bytes(dst)
+from multifd_core.testing import (
+    PAGE,
+    TEXT,
+    migrate_by_name,
+    mixed_pages,
+    prepare_payload,
+    random_runs,
+    receive_payload,
+)
 
 
 def pair(**options: object) -> tuple[ZstdSend, ZstdRecv]:
@@ -115,18 +68,21 @@ def test_payload_size_bounds_real_payloads() -> None:
     send, _ = pair()
     rng = random.Random(1)
     for _ in range(3):  # incompressible pages, the first with the frame header
-        assert len(packet(send, [rng.randbytes(PAGE) for _ in range(128)])) <= high
-    assert len(packet(send, [rng.randbytes(PAGE)])) <= ZstdMethod().payload_size(PAGE)[1]
+        assert len(prepare_payload(send, [rng.randbytes(PAGE) for _ in range(128)])) <= high
+    assert len(prepare_payload(send, [rng.randbytes(PAGE)])) <= ZstdMethod().payload_size(PAGE)[1]
 
 
 # --- the stream ---------------------------------------------------------------------------------
 
 
 def test_one_frame_per_channel_flushed_per_packet() -> None:
-    packets = [vm_pages(128, seed) for seed in range(4)] + [vm_pages(1, 9), vm_pages(37, 10)]
+    packets = [mixed_pages(128, seed) for seed in range(4)] + [
+        mixed_pages(1, 9),
+        mixed_pages(37, 10),
+    ]
     send, recv = pair()
     payloads = [
-        packet(send, pages, split_runs(len(pages), random.Random(i)))
+        prepare_payload(send, pages, random_runs(len(pages), random.Random(i)))
         for i, pages in enumerate(packets)
     ]
     assert payloads[0].startswith(b"\x28\xb5\x2f\xfd")
@@ -138,15 +94,15 @@ def test_one_frame_per_channel_flushed_per_packet() -> None:
         assert dobj.decompress(payload) == b"".join(pages)
     assert not dobj.eof  # the frame goes on
     for pages, payload in zip(packets, payloads, strict=True):
-        assert receive(recv, payload, len(pages)) == b"".join(pages)
+        assert receive_payload(recv, payload, len(pages)) == b"".join(pages)
 
 
 def test_levels_round_trip() -> None:
-    pages = vm_pages(64, 3)
+    pages = mixed_pages(64, 3)
     for level in (-7, 0, 3, 19, 20):
         send, recv = pair(level=level)
         for _ in range(2):
-            assert receive(recv, packet(send, pages), 64) == b"".join(pages)
+            assert receive_payload(recv, prepare_payload(send, pages), 64) == b"".join(pages)
 
 
 def test_round_trip_many_packets_with_history() -> None:
@@ -155,12 +111,12 @@ def test_round_trip_many_packets_with_history() -> None:
     seen: list[bytes] = []
     for i in range(60):
         n = rng.choice([1, 2, 7, 64, 128])
-        pages = vm_pages(n, 100 + i)
+        pages = mixed_pages(n, 100 + i)
         if seen and i % 3 == 0:
             pages[: min(n, 4)] = rng.sample(seen, min(n, 4, len(seen)))
         seen.extend(pages)
-        payload = packet(send, pages, split_runs(n, rng))
-        assert receive(recv, payload, n, split_runs(n, rng)) == b"".join(pages)
+        payload = prepare_payload(send, pages, random_runs(n, rng))
+        assert receive_payload(recv, payload, n, random_runs(n, rng)) == b"".join(pages)
 
 
 def test_zero_random_text_pages() -> None:
@@ -171,9 +127,9 @@ def test_zero_random_text_pages() -> None:
         [rng.randbytes(PAGE) for _ in range(128)],
         [TEXT[i * 10 : i * 10 + PAGE] for i in range(128)],
     ):
-        payload = packet(send, pages)
-        assert receive(recv, payload, len(pages)) == b"".join(pages)
-    assert len(packet(send, [bytes(PAGE)] * 128)) < 256
+        payload = prepare_payload(send, pages)
+        assert receive_payload(recv, payload, len(pages)) == b"".join(pages)
+    assert len(prepare_payload(send, [bytes(PAGE)] * 128)) < 256
 
 
 def test_two_channels_interleaved() -> None:
@@ -182,23 +138,23 @@ def test_two_channels_interleaved() -> None:
     recvs = [method.recv_setup(0), method.recv_setup(1)]
     for i in range(20):
         for ch in (0, 1):
-            pages = vm_pages(16, 1000 * ch + i)
-            payload = packet(sends[ch], pages)  # type: ignore[arg-type]
-            assert receive(recvs[ch], payload, 16) == b"".join(pages)  # type: ignore[arg-type]
+            pages = mixed_pages(16, 1000 * ch + i)
+            payload = prepare_payload(sends[ch], pages)
+            assert receive_payload(recvs[ch], payload, 16) == b"".join(pages)
 
 
 def test_payload_needs_its_own_stream() -> None:
     send, recv = pair()
-    pages = vm_pages(32, 11)
-    first = packet(send, pages)
-    second = packet(send, pages)  # no frame header, and refers back to the first packet
+    pages = mixed_pages(32, 11)
+    first = prepare_payload(send, pages)
+    second = prepare_payload(send, pages)  # no frame header, and refers back to the first packet
     with pytest.raises(DecompressionError, match="frame header"):
-        receive(ZstdRecv(), second, 32)
-    assert receive(recv, first, 32) == b"".join(pages)
-    assert receive(recv, second, 32) == b"".join(pages)
+        receive_payload(ZstdRecv(), second, 32)
+    assert receive_payload(recv, first, 32) == b"".join(pages)
+    assert receive_payload(recv, second, 32) == b"".join(pages)
     # a frame header alone does not help: the back-references point at nothing
     with pytest.raises(DecompressionError):
-        receive(ZstdRecv(), FRAME_HEADER + second, 32)
+        receive_payload(ZstdRecv(), FRAME_HEADER + second, 32)
 
 
 # --- hostile payloads --------------------------------------------------------------------------
@@ -226,7 +182,7 @@ def test_bomb_from_compressor_fails_fast_and_bounded() -> None:
 
     def run() -> None:
         with pytest.raises(DecompressionError, match="more than"):
-            receive(ZstdRecv(), bomb, 1)
+            receive_payload(ZstdRecv(), bomb, 1)
 
     elapsed, peak = measure(run)
     assert elapsed < 0.5
@@ -240,7 +196,7 @@ def test_rle_bomb_fails_fast_and_bounded() -> None:
 
     def run() -> None:
         with pytest.raises(DecompressionError, match="more than"):
-            receive(recv, bomb, 128)
+            receive_payload(recv, bomb, 128)
 
     elapsed, peak = measure(run)
     assert elapsed < 0.5
@@ -250,104 +206,106 @@ def test_rle_bomb_fails_fast_and_bounded() -> None:
 def test_exact_raw_and_rle_blocks_accepted() -> None:
     data = b"abc" * 1000 + bytes(PAGE * 2 - 3000)
     payload = FRAME_HEADER + block(0, 3000, data[:3000]) + block(1, PAGE * 2 - 3000, b"\x00")
-    assert receive(ZstdRecv(), payload, 2) == data
+    assert receive_payload(ZstdRecv(), payload, 2) == data
 
 
 def test_window_too_large_refused() -> None:
     huge = b"\x28\xb5\x2f\xfd\x00" + bytes([(30 - 10) << 3])  # a 1 GiB window
     with pytest.raises(DecompressionError, match="corrupt"):
-        receive(ZstdRecv(), huge + block(1, PAGE, b"\x00"), 1)
+        receive_payload(ZstdRecv(), huge + block(1, PAGE, b"\x00"), 1)
 
 
 def test_more_output_than_pages() -> None:
     send, recv = pair()
     with pytest.raises(DecompressionError, match="more than"):
-        receive(recv, packet(send, vm_pages(3, 12)), 2)
+        receive_payload(recv, prepare_payload(send, mixed_pages(3, 12)), 2)
 
 
 def test_less_output_than_pages() -> None:
     send, recv = pair()
     with pytest.raises(DecompressionError, match="to 12288 bytes"):
-        receive(recv, packet(send, vm_pages(3, 13)), 4)
+        receive_payload(recv, prepare_payload(send, mixed_pages(3, 13)), 4)
 
 
 @pytest.mark.parametrize("cut", [1, 2, 3, 4, 100])
 def test_truncated(cut: int) -> None:
     send, recv = pair()
-    pages = vm_pages(8, 14)
-    assert receive(recv, packet(send, pages), 8) == b"".join(pages)
-    payload = packet(send, pages)
+    pages = mixed_pages(8, 14)
+    assert receive_payload(recv, prepare_payload(send, pages), 8) == b"".join(pages)
+    payload = prepare_payload(send, pages)
     with pytest.raises(DecompressionError):
-        receive(recv, payload[:-cut], 8)
+        receive_payload(recv, payload[:-cut], 8)
 
 
 def test_truncated_frame_header() -> None:
     with pytest.raises(DecompressionError):
-        receive(ZstdRecv(), b"\x28\xb5\x2f\xfd\x40", 1)
+        receive_payload(ZstdRecv(), b"\x28\xb5\x2f\xfd\x40", 1)
     with pytest.raises(DecompressionError):
-        receive(ZstdRecv(), b"\x28\xb5\x2f\xfd\xc0\x00\x00", 1)  # 8-byte content size cut short
+        receive_payload(
+            ZstdRecv(), b"\x28\xb5\x2f\xfd\xc0\x00\x00", 1
+        )  # 8-byte content size cut short
 
 
 @pytest.mark.parametrize("extra", [b"\x00", b"\x00\x00", block(1, 10, b"x"), bytes(range(40))])
 def test_trailing_bytes(extra: bytes) -> None:
     send, recv = pair()
-    pages = vm_pages(8, 15)
+    pages = mixed_pages(8, 15)
     with pytest.raises(DecompressionError):
-        receive(recv, packet(send, pages) + extra, 8)
+        receive_payload(recv, prepare_payload(send, pages) + extra, 8)
 
 
 def test_trailing_empty_block_is_valid_data() -> None:
     # an empty raw block is well-formed zstd regenerating nothing: accepted, as QEMU does
     send, recv = pair()
-    pages = vm_pages(8, 16)
-    assert receive(recv, packet(send, pages) + block(0, 0), 8) == b"".join(pages)
-    assert receive(recv, packet(send, pages), 8) == b"".join(pages)
+    pages = mixed_pages(8, 16)
+    assert receive_payload(recv, prepare_payload(send, pages) + block(0, 0), 8) == b"".join(pages)
+    assert receive_payload(recv, prepare_payload(send, pages), 8) == b"".join(pages)
 
 
 def test_last_block_refused() -> None:
     payload = FRAME_HEADER + block(1, PAGE, b"\x07", last=True)
     with pytest.raises(DecompressionError, match="last block"):
-        receive(ZstdRecv(), payload, 1)
+        receive_payload(ZstdRecv(), payload, 1)
     cctx = zstandard.ZstdCompressor(level=1)
     with pytest.raises(DecompressionError, match="last block"):
-        receive(ZstdRecv(), cctx.compress(bytes(PAGE)), 1)
+        receive_payload(ZstdRecv(), cctx.compress(bytes(PAGE)), 1)
 
 
 def test_corrupt() -> None:
     send, recv = pair()
-    pages = vm_pages(8, 18)
-    first = packet(send, pages)
+    pages = mixed_pages(8, 18)
+    first = prepare_payload(send, pages)
     with pytest.raises(DecompressionError, match="frame header"):
-        receive(ZstdRecv(), b"\x29" + first[1:], 8)
+        receive_payload(ZstdRecv(), b"\x29" + first[1:], 8)
     with pytest.raises(DecompressionError, match="reserved"):
-        receive(ZstdRecv(), FRAME_HEADER + block(3, 4, b"abcd"), 1)
+        receive_payload(ZstdRecv(), FRAME_HEADER + block(3, 4, b"abcd"), 1)
     with pytest.raises(DecompressionError, match="over the"):
-        receive(ZstdRecv(), FRAME_HEADER + block(0, BLOCK_MAX + 1), 1)
-    assert receive(recv, first, 8) == b"".join(pages)
+        receive_payload(ZstdRecv(), FRAME_HEADER + block(0, BLOCK_MAX + 1), 1)
+    assert receive_payload(recv, first, 8) == b"".join(pages)
     rng = random.Random(19)
     for _ in range(20):  # garbage inside well-formed compressed block headers
         content = rng.randbytes(2000)
         with pytest.raises(DecompressionError):
-            receive(ZstdRecv(), FRAME_HEADER + block(2, len(content), content), 8)
+            receive_payload(ZstdRecv(), FRAME_HEADER + block(2, len(content), content), 8)
 
 
 def test_stream_stays_broken_after_error() -> None:
     send, recv = pair()
-    pages = vm_pages(4, 20)
-    first = packet(send, pages)
+    pages = mixed_pages(4, 20)
+    first = prepare_payload(send, pages)
     with pytest.raises(DecompressionError):
-        receive(recv, first[:-1], 4)
+        receive_payload(recv, first[:-1], 4)
     with pytest.raises(DecompressionError, match="earlier error"):
-        receive(recv, first, 4)
+        receive_payload(recv, first, 4)
 
 
 def test_empty_payload() -> None:
     with pytest.raises(DecompressionError):
-        receive(ZstdRecv(), b"", 1)
+        receive_payload(ZstdRecv(), b"", 1)
     send, recv = pair()
-    receive(recv, packet(send, vm_pages(1, 21)), 1)
+    receive_payload(recv, prepare_payload(send, mixed_pages(1, 21)), 1)
     with pytest.raises(DecompressionError):
-        receive(recv, b"", 1)
+        receive_payload(recv, b"", 1)
 
 
 # --- through the engine -----------------------------------------------------------------------
@@ -356,42 +314,9 @@ def test_empty_payload() -> None:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_migration_through_the_engine(channels: int) -> None:
     """Two rounds over in-memory channels, the method picked by name from the registry."""
-    migration = pytest.importorskip("multifd_core.migration")
-    image = pytest.importorskip("multifd_core.image")
-    import trio
-
-    rng = random.Random(channels)
-    block = multifd_core.RAMBlock("pc.ram", image.vm_like_image(4 << 20, PAGE, 5), PAGE)
-    net = multifd_core.MemoryNetwork()
-    result: dict[str, object] = {}
-
-    async def run() -> None:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-
-                async def destination() -> None:
-                    async with migration.open_destination(
-                        net.accept, channels=channels, method="zstd"
-                    ) as dst:
-                        result["stats"] = await dst.wait()
-                    result["blocks"] = dst.blocks
-
-                nursery.start_soon(destination)
-                async with migration.open_source(
-                    [block],
-                    net.connect,
-                    channels=channels,
-                    method="zstd",
-                    method_options={"level": "3"},
-                ) as src:
-                    await src.send_round()
-                    for off in image.dirty_some_pages(block.memory, PAGE, 300, rng, 1):
-                        block.mark_dirty(off)
-                    result["src"] = await src.complete()
-
-    trio.run(run)
-    received = result["blocks"]["pc.ram"]  # type: ignore[index]
-    assert received.host.tobytes() == bytes(block.memory)
-    src, dst = result["src"], result["stats"]
-    assert src.normal_pages == dst.normal_pages > 0  # type: ignore[attr-defined]
-    assert dst.payload_bytes < dst.normal_pages * PAGE  # type: ignore[attr-defined]
+    sent, received, src, dst = trio.run(
+        lambda: migrate_by_name("zstd", {"level": "3"}, channels=channels)
+    )
+    assert received == sent
+    assert src.normal_pages == dst.normal_pages > 0
+    assert dst.payload_bytes < dst.normal_pages * PAGE
