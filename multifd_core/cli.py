@@ -423,6 +423,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _listening(p: argparse.ArgumentParser, *, timeout: float, waits_for: str) -> None:
+    """The options of a receiving end (recv, qemu-save)."""
+    p.add_argument("--listen", type=parse_address, required=True, metavar="HOST:PORT")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--uuid", default=None, help="refuse channels with another uuid")
+    p.add_argument(
+        "--timeout", type=float, default=timeout, help=f"seconds to wait for {waits_for}"
+    )
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multifd", description="QEMU-compatible multifd memory migration"
@@ -444,21 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recv", help="receive files from a `multifd send`")
     _common(p)
-    p.add_argument("--listen", type=parse_address, required=True, metavar="HOST:PORT")
-    p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--uuid", default=None, help="refuse channels with another uuid")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for connections")
-    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+    _listening(p, timeout=60.0, waits_for="connections")
 
     p = sub.add_parser(
         "qemu-save", help="be the destination of a QEMU migration; save its memory to DIR"
     )
     _common(p)
-    p.add_argument("--listen", type=parse_address, required=True, metavar="HOST:PORT")
-    p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--uuid", default=None, help="refuse channels with another uuid")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for QEMU")
-    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+    _listening(p, timeout=120.0, waits_for="QEMU")
 
     p = sub.add_parser(
         "qemu-restore", help="be the source for a QEMU destination started with -incoming"

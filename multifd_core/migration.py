@@ -32,7 +32,7 @@ from .errors import (
 )
 from .methods import MethodRegistry, MultiFDMethod, load_methods
 from .ram import RAMBlock, ZeroScanner
-from .recv import MultiFDRecvChannel, MultiFDRecvState, Report
+from .recv import MultiFDRecvChannel, MultiFDRecvState
 from .send import MultiFDSendChannel, MultiFDSendState, default_thread_limit
 from .stats import MigrationStats
 from .transport import ChannelIO, Connector
@@ -603,7 +603,7 @@ class Destination:
         state.completed = True
         try:
             with trio.fail_after(self.drain_timeout):
-                await self._drain()
+                await state.wait_all_closed()
         except trio.TooSlowError:
             raise MigrationTimeout(
                 f"channels still open {self.drain_timeout} s after the end of the migration"
@@ -616,13 +616,6 @@ class Destination:
         self._accepting.cancel()
         stats.finish("completed")
         self.done.set()
-
-    async def _drain(self) -> None:
-        state = self.state
-        while len(state.closed_channels) < self.num_channels:
-            cid, kind = await state.reports_recv.receive()
-            if kind is Report.SYNC:
-                state.channels[cid].sem_sync.release()
 
     async def aclose(self) -> None:
         for io in self.ios:

@@ -63,11 +63,12 @@ class MultiFDRecvState:
         self.stats.rounds += 1
 
     async def wait_all_closed(self) -> None:
-        """After the end of the migration: wait until every channel has read its end of stream."""
+        """After the end of the migration: wait until every channel has read its end of stream,
+        releasing a channel that reports an extra SYNC on the way (harmless, as in QEMU)."""
         while len(self.closed_channels) < self.num_channels:
             cid, kind = await self.reports_recv.receive()
-            if kind is Report.EOF:
-                self.closed_channels.add(cid)
+            if kind is Report.SYNC:
+                self.channels[cid].sem_sync.release()
 
 
 class MultiFDRecvChannel:
