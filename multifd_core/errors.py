@@ -169,5 +169,13 @@ class MigrationTimeout(MultiFDError):
     """A wait on the peer exceeded its bound."""
 
 
+class ChannelStalled(ChannelError, MigrationTimeout):
+    """A channel moved no bytes for longer than the idle timeout while the peer owed some."""
+
+
+class LimitExceeded(ProtocolError):
+    """The peer asked for more than this side allows (blocks, sizes, names, total bytes)."""
+
+
 class IncompleteMigration(MultiFDError):
     """The migration ended before every block was complete."""

@@ -35,6 +35,7 @@ from .errors import (
     BadVersion,
     BlockMismatch,
     ConfigError,
+    LimitExceeded,
     MainStreamError,
     MultiFDError,
     TruncatedStream,
@@ -821,7 +822,7 @@ class MainStreamParser:
                 "of the announced total"
             )
         if len(self._setup) >= self.max_blocks:
-            raise BlockMismatch(f"more than {self.max_blocks} RAM blocks")
+            raise LimitExceeded(f"the source announces more than {self.max_blocks} RAM blocks")
         self._pos = pos + 1 + nlen + 8
         self._setup.append((name, size))
         self._by_raw[raw] = _PBlock(name, size, self.page_size)

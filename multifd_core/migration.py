@@ -21,8 +21,10 @@ from .errors import (
     BlockMismatch,
     ChannelClosed,
     ChannelError,
+    ChannelStalled,
     ConfigError,
     DuplicateChannel,
+    LimitExceeded,
     MainStreamError,
     MigrationTimeout,
     MultiFDError,
@@ -36,6 +38,7 @@ from .recv import MultiFDRecvChannel, MultiFDRecvState
 from .send import MultiFDSendChannel, MultiFDSendState, default_thread_limit
 from .stats import MigrationStats
 from .transport import ChannelIO, Connector
+from .watchdog import watchdog
 from .wire import (
     MAX_CHANNELS,
     MULTIFD_INIT_SIZE,
@@ -71,6 +74,8 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 def _rank(exc: BaseException) -> int:
     if isinstance(exc, ProtocolError):
         return 0  # the root cause: what the peer did wrong
+    if isinstance(exc, ChannelStalled):
+        return 1  # found by this side's watchdog: a cause, not a consequence
     if isinstance(exc, ChannelError):
         return 2  # often only a consequence of the other end stopping
     return 1
@@ -126,6 +131,11 @@ def _resolve_method(
     return reg.create(method, **dict(options or {}))
 
 
+def _check_timeout(name: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise ConfigError(f"{name} must be > 0 (or None), not {value}")
+
+
 def _check_channels(channels: int) -> None:
     if not 1 <= channels <= MAX_CHANNELS:
         raise ConfigError(f"channel count {channels} outside 1..{MAX_CHANNELS}")
@@ -150,8 +160,10 @@ class Source:
         description: bytes | None = None,
         section_id: int = 2,
         device_state: bytes | None = None,
+        connect_timeout: float = 30.0,
     ) -> None:
         self.blocks = list(blocks)
+        self.connect_timeout = connect_timeout
         self.description = description
         self.device_state = device_state
         self.connect = connect
@@ -174,10 +186,15 @@ class Source:
         self._busy = False
 
     async def _connect(self, channel: int | None) -> ChannelIO:
+        name = "main channel" if channel is None else f"channel {channel}"
         try:
-            stream = await self.connect()
+            with trio.fail_after(self.connect_timeout):
+                stream = await self.connect()
+        except trio.TooSlowError:
+            raise MigrationTimeout(
+                f"cannot connect the {name} within {self.connect_timeout} s"
+            ) from None
         except OSError as exc:
-            name = "main channel" if channel is None else f"channel {channel}"
             raise ChannelError(f"cannot connect the {name}: {exc}", channel=channel) from exc
         io = ChannelIO(stream, channel)
         self.ios.append(io)
@@ -340,6 +357,8 @@ async def open_source(
     description: bytes | None = None,
     section_id: int = 2,
     device_state: bytes | None = None,
+    connect_timeout: float = 30.0,
+    idle_timeout: float | None = 60.0,
 ) -> AsyncIterator[Source]:
     """Connect to a destination and set up a migration of ``blocks``.
 
@@ -350,6 +369,9 @@ async def open_source(
     ``device_state``, when given, replaces EOF: the bytes QEMU sends after its RAM section
     (device sections, EOF, vmdesc), as ``Destination.device_state`` captured them;
     ``section_id`` is the RAM section's id (QEMU's own, when replaying a capture).
+    ``connect_timeout`` bounds each connection; ``idle_timeout`` fails the migration with
+    ChannelStalled when a send makes no progress that long (a stalled destination or link;
+    None: wait forever).
     """
     blocks = list(blocks)
     _check_channels(channels)
@@ -371,15 +393,19 @@ async def open_source(
         description=description,
         section_id=section_id,
         device_state=device_state,
+        connect_timeout=connect_timeout,
     )
+    _check_timeout("idle_timeout", idle_timeout)
     try:
         with library_errors(src.stats):
             async with trio.open_nursery() as nursery:
+                if idle_timeout is not None:
+                    nursery.start_soon(watchdog, src.ios, idle_timeout, name="watchdog")
                 await src._setup(nursery)
                 yield src
                 if not src.completed:
                     src.stats.finish("cancelled")
-                    nursery.cancel_scope.cancel()
+                nursery.cancel_scope.cancel()  # the watchdog, or everything when cancelled
     finally:
         await src.aclose()
 
@@ -422,8 +448,15 @@ class Destination:
         drain_timeout: float,
         thread_limit: int,
         max_device_state: int | None,
+        idle_timeout: float | None = None,
+        max_blocks: int = 4096,
+        max_total_bytes: int | None = None,
     ) -> None:
         self.accept = accept
+        self.idle_timeout = idle_timeout
+        self.max_blocks = max_blocks
+        self.max_total_bytes = max_total_bytes
+        self._watching = trio.CancelScope()
         self.num_channels = channels
         self.method = method
         self.given_blocks = blocks
@@ -462,6 +495,11 @@ class Destination:
         """Wait until the migration has completed; returns the stats."""
         await self.done.wait()
         return self.stats
+
+    async def _watch(self) -> None:
+        if self.idle_timeout is not None:
+            with self._watching:
+                await watchdog(self.ios, self.idle_timeout)
 
     async def _run(self, nursery: trio.Nursery) -> None:
         self.stats.status = "active"
@@ -539,6 +577,12 @@ class Destination:
 
     def _setup_blocks(self, announced: Sequence[tuple[str, int]]) -> None:
         blocks: dict[str, RAMBlock] = {}
+        total = sum(size for _, size in announced)
+        if self.max_total_bytes is not None and total > self.max_total_bytes:
+            raise LimitExceeded(
+                f"the source announces {total} bytes of RAM in {len(announced)} block(s), "
+                f"more than the {self.max_total_bytes} allowed here"
+            )
         for name, size in announced:
             if self.given_blocks is not None:
                 block = self.given_blocks.get(name)
@@ -549,7 +593,12 @@ class Destination:
                         f"block {name!r} is {size} bytes at the source, {block.size} here"
                     )
             else:
-                block = self.block_factory(name, size, self.page_size)
+                try:
+                    block = self.block_factory(name, size, self.page_size)
+                except (OSError, MemoryError, OverflowError) as exc:
+                    raise LimitExceeded(
+                        f"cannot allocate block {name!r} of {size} bytes: {exc}"
+                    ) from exc
             if not block.writable:
                 raise ConfigError(f"block {name!r} is read-only: cannot receive into it")
             if block.page_size != self.page_size:
@@ -561,7 +610,9 @@ class Destination:
 
     async def _main_loop(self, io: ChannelIO) -> None:
         parser = ms.MainStreamParser(
-            page_size=self.page_size, max_device_state=self.max_device_state
+            page_size=self.page_size,
+            max_device_state=self.max_device_state,
+            max_blocks=self.max_blocks,
         )
         state = self.state
         stats = self.stats
@@ -614,6 +665,7 @@ class Destination:
                 await self._handshakes_done.wait()
         await trio.sleep(0)  # let the accept loop take what is already in the backlog
         self._accepting.cancel()
+        self._watching.cancel()
         stats.finish("completed")
         self.done.set()
 
@@ -639,6 +691,9 @@ async def open_destination(
     drain_timeout: float = 30.0,
     thread_limit: int | None = None,
     max_device_state: int | None = 64 * 1024 * 1024,
+    idle_timeout: float | None = 60.0,
+    max_blocks: int = 4096,
+    max_total_bytes: int | None = 1 << 40,
 ) -> AsyncIterator[Destination]:
     """Accept a migration: the main channel and ``channels`` multifd channels, in any order.
 
@@ -646,6 +701,13 @@ async def open_destination(
     ``block_factory(name, size, page_size)`` (default: zero-filled anonymous memory). ``uuid``, when
     given, must match every channel's. Leaving the block waits for the migration to complete;
     ``await dst.wait()`` does the same and returns the stats.
+
+    Limits (each breach is a typed error naming it): ``connect_timeout`` for all connections to
+    arrive, ``handshake_timeout`` for each connection's first bytes, ``idle_timeout`` for a
+    channel that stops moving bytes (ChannelStalled; None: wait forever — the source must not
+    pause longer than this between rounds), ``drain_timeout`` for the channels to close at the
+    end, ``max_blocks`` and ``max_total_bytes`` for the RAM the source may announce
+    (LimitExceeded), ``max_device_state`` for the bytes after the RAM section.
     """
     _check_channels(channels)
     given: dict[str, RAMBlock] | None = None
@@ -664,10 +726,21 @@ async def open_destination(
         drain_timeout=drain_timeout,
         thread_limit=thread_limit or default_thread_limit(),
         max_device_state=max_device_state,
+        idle_timeout=idle_timeout,
+        max_blocks=max_blocks,
+        max_total_bytes=max_total_bytes,
     )
+    for name, value in (
+        ("connect_timeout", connect_timeout),
+        ("handshake_timeout", handshake_timeout),
+        ("drain_timeout", drain_timeout),
+        ("idle_timeout", idle_timeout),
+    ):
+        _check_timeout(name, value)
     try:
         with library_errors(dst.stats):
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(dst._watch, name="watchdog")
                 nursery.start_soon(dst._run, nursery)
                 yield dst
     finally:

@@ -24,6 +24,8 @@ Connector = Callable[[], Awaitable[trio.abc.Stream]]
 
 #: How much a generic stream may read ahead into the channel's own buffer.
 READ_CHUNK = 256 * 1024
+#: Generic streams are written in pieces of this size, so that progress shows.
+SEND_CHUNK = 64 * 1024
 #: Linux IOV_MAX.
 _IOV_MAX = 1024
 
@@ -135,10 +137,20 @@ def _closed_error(exc: BaseException) -> bool:
     )
 
 
+#: ``ChannelIO.waiting``: no operation in progress.
+IDLE = 0
+#: Waiting for the next message (packet header, main-stream record): may legitimately wait.
+BOUNDARY = 1
+#: In the middle of a message or a send: the peer owes us progress.
+MID = 2
+
+
 class ChannelIO:
     """Exact reads and gathered writes on one stream.
 
     ``channel`` is the multifd channel id for error messages (None: the main channel).
+    ``activity`` is the trio time bytes last moved and ``waiting`` what the channel is waiting
+    for (IDLE, BOUNDARY, MID): a watchdog (``migration.watchdog``) reads them to find stalls.
     """
 
     def __init__(self, stream: trio.abc.Stream, channel: int | None = None) -> None:
@@ -148,6 +160,8 @@ class ChannelIO:
         self._pending = bytearray()  # bytes read ahead (generic streams) or pushed back
         self.bytes_received = 0
         self.bytes_sent = 0
+        self.activity = trio.current_time()
+        self.waiting = IDLE
 
     def _error(self, what: str, exc: BaseException | None = None) -> ChannelError:
         if exc is None or _closed_error(exc):
@@ -162,13 +176,19 @@ class ChannelIO:
     async def send_parts(self, parts: Sequence[Buffer]) -> None:
         """Send ``parts`` back to back; sockets get one ``sendmsg`` per batch, no joining."""
         total = sum(len(memoryview(p)) for p in parts)
+        self.waiting = MID
         try:
             if self.sock is None:
-                await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
+                data = memoryview(parts[0] if len(parts) == 1 else b"".join(parts)).cast("B")
+                for pos in range(0, len(data), SEND_CHUNK):  # chunks: progress is visible
+                    await self.stream.send_all(data[pos : pos + SEND_CHUNK])
+                    self.activity = trio.current_time()
             else:
                 await self._sendmsg_all(parts)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._error("send failed, peer gone", exc) from exc
+        finally:
+            self.waiting = IDLE
         self.bytes_sent += total
 
     async def _sendmsg_all(self, parts: Sequence[Buffer]) -> None:
@@ -176,6 +196,7 @@ class ChannelIO:
         i = 0
         while i < len(views):
             sent = await self.sock.sendmsg(views[i : i + _IOV_MAX])
+            self.activity = trio.current_time()
             while sent:
                 n = len(views[i])
                 if sent >= n:
@@ -199,10 +220,14 @@ class ChannelIO:
             data = bytes(self._pending[:max_bytes])
             del self._pending[:max_bytes]
             return data
+        self.waiting = BOUNDARY
         try:
             received = await self.stream.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._error("receive failed", exc) from exc
+        finally:
+            self.waiting = IDLE
+        self.activity = trio.current_time()
         data = bytes(received)
         self.bytes_received += len(data)
         return data
@@ -221,6 +246,7 @@ class ChannelIO:
             view[:n] = self._pending[:n]
             del self._pending[:n]
             pos = n
+        self.waiting = MID if pos or not eof_ok else BOUNDARY
         try:
             if self.sock is not None:
                 recv_into = self.sock.recv_into
@@ -230,12 +256,16 @@ class ChannelIO:
                         break
                     pos += n
                     self.bytes_received += n
+                    self.activity = trio.current_time()
+                    self.waiting = MID
             else:
                 while pos < want:
                     data = await self.stream.receive_some(min(READ_CHUNK, max(want - pos, 4096)))
                     if not data:
                         break
                     self.bytes_received += len(data)
+                    self.activity = trio.current_time()
+                    self.waiting = MID
                     take = min(len(data), want - pos)
                     view[pos : pos + take] = data[:take]
                     if take < len(data):
@@ -243,6 +273,8 @@ class ChannelIO:
                     pos += take
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._error(f"receive failed in {what}", exc) from exc
+        finally:
+            self.waiting = IDLE
         if pos < want:
             if pos == 0:
                 if eof_ok:
@@ -265,9 +297,11 @@ class ChannelIO:
         got = 0
         i = 0
         recvmsg_into = self.sock.recvmsg_into
+        self.waiting = MID
         try:
             while i < len(todo):
                 n = (await recvmsg_into(todo[i : i + _IOV_MAX]))[0]
+                self.activity = trio.current_time()
                 if not n:
                     raise ChannelClosed(
                         f"closed by peer in the middle of {what} ({got} of {want} bytes)",
@@ -285,6 +319,8 @@ class ChannelIO:
                         n = 0
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise self._error(f"receive failed in {what}", exc) from exc
+        finally:
+            self.waiting = IDLE
 
     async def receive_exactly(self, n: int, what: str = "data") -> bytearray:
         buf = bytearray(n)

@@ -15,6 +15,7 @@ from multifd_core.errors import (
     BadVersion,
     BlockMismatch,
     ConfigError,
+    LimitExceeded,
     MainStreamError,
     MultiFDError,
     UnknownBlock,
@@ -778,8 +779,8 @@ def test_too_many_blocks() -> None:
     data = HEAD + CONFIG + start() + block_list(BLOCKS) + eos()
     assert parse(data, eof=False, max_blocks=2) == PRE_EVENTS
     exc = parse_error(data, max_blocks=1)
-    assert type(exc) is BlockMismatch
-    assert "more than 1" in str(exc)
+    assert type(exc) is LimitExceeded
+    assert "more than 1 RAM blocks" in str(exc)
 
 
 def test_max_device_state() -> None:
