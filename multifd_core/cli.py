@@ -186,6 +186,7 @@ async def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
                 method=args.compression,
                 method_options=options,
                 page_size=page_size,
+                **_engine(args),
             ) as dst:
                 await dst.wait()
             result["dst"] = dst
@@ -197,6 +198,7 @@ async def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
             channels=args.channels,
             method=args.compression,
             method_options=options,
+            **_engine(args),
         ) as src:
             async with trio.open_nursery() as bar:
                 bar.start_soon(_progress_loop, progress, src.stats, planned)
@@ -259,6 +261,7 @@ async def cmd_send(args: argparse.Namespace) -> dict[str, Any]:
                 method_options=parse_options(args.method_option),
                 uuid=args.uuid,
                 description=files_description(blocks),
+                **_engine(args),
             ) as src,
             trio.open_nursery() as bar,
         ):
@@ -302,6 +305,8 @@ async def cmd_recv(args: argparse.Namespace) -> dict[str, Any]:
                 uuid=args.uuid,
                 page_size=args.page_size,
                 connect_timeout=args.timeout,
+                max_total_bytes=args.max_size,
+                **_engine(args),
             ) as dst:
                 stats = await dst.wait()
         sizes = parse_files_description(dst.vmdesc)
@@ -342,6 +347,7 @@ async def cmd_qemu_save(args: argparse.Namespace) -> dict[str, Any]:
             method_options=parse_options(args.method_option),
             uuid=args.uuid,
             connect_timeout=args.timeout,
+            **_engine(args),
         )
     out = result.stats.as_dict()
     out["directory"] = str(result.directory)
@@ -372,6 +378,7 @@ async def cmd_qemu_restore(args: argparse.Namespace) -> dict[str, Any]:
         method=args.compression,
         method_options=parse_options(args.method_option),
         verify=args.verify,
+        **_engine(args),
     )
     if not args.json:
         print(_summary("qemu-restore", stats))
@@ -379,7 +386,7 @@ async def cmd_qemu_restore(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_plugins(args: argparse.Namespace) -> dict[str, Any]:
-    registry = load_methods()
+    registry = load_methods(allow=args.allow_method)
     methods = [
         {
             "value": m.value,
@@ -403,9 +410,49 @@ def cmd_plugins(args: argparse.Namespace) -> dict[str, Any]:
 # --- argument parsing ---------------------------------------------------------------------
 
 
+def _allow_methods(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-method",
+        action="append",
+        metavar="NAME",
+        help="use only these compression methods, refuse the others (repeatable)",
+    )
+
+
+def parse_timeout(text: str) -> float | None:
+    """Seconds > 0, or 0 / "none" for no timeout."""
+    if text.strip().lower() in ("0", "none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a timeout must be > 0 seconds: {text!r}")
+    return value
+
+
+def _engine(args: argparse.Namespace) -> dict[str, Any]:
+    """Options every subcommand passes to the engine (open_source / open_destination)."""
+    allowed = args.allow_method
+    if allowed is not None and args.compression not in allowed:
+        raise ConfigError(
+            f"--compression {args.compression} is not among --allow-method {', '.join(allowed)}"
+        )
+    return {"registry": load_methods(allow=allowed), "idle_timeout": args.idle_timeout}
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=int, default=2, help="multifd channels (default 2)")
     p.add_argument("--compression", default="none", help="method name (see `multifd plugins`)")
+    _allow_methods(p)
+    p.add_argument(
+        "--idle-timeout",
+        type=parse_timeout,
+        default=60.0,
+        metavar="SECONDS",
+        help="fail when a channel moves no bytes this long (default 60; 0: never)",
+    )
     p.add_argument(
         "-o",
         "--method-option",
@@ -456,6 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recv", help="receive files from a `multifd send`")
     _common(p)
     _listening(p, timeout=60.0, waits_for="connections")
+    p.add_argument(
+        "--max-size",
+        type=parse_size,
+        default=parse_size("1T"),
+        metavar="SIZE",
+        help="refuse a source announcing more bytes than this in all (default 1T)",
+    )
 
     p = sub.add_parser(
         "qemu-save", help="be the destination of a QEMU migration; save its memory to DIR"
@@ -478,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list the installed compression methods")
     p.add_argument("--json", action="store_true")
+    _allow_methods(p)
     return parser
 
 

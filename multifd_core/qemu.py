@@ -72,6 +72,7 @@ async def qemu_save(
     registry: MethodRegistry | None = None,
     uuid: str | bytes | None = None,
     connect_timeout: float = 60.0,
+    idle_timeout: float | None = 60.0,
 ) -> SaveResult:
     """Receive one migration from a QEMU source into ``directory``."""
     out = Path(directory)
@@ -95,6 +96,7 @@ async def qemu_save(
             block_factory=factory,
             uuid=uuid,
             connect_timeout=connect_timeout,
+            idle_timeout=idle_timeout,
         ) as dst:
             stats = await dst.wait()
         blocks = []
@@ -185,6 +187,7 @@ async def qemu_restore(
     method_options: dict[str, Any] | None = None,
     registry: MethodRegistry | None = None,
     verify: bool = True,
+    idle_timeout: float | None = 60.0,
 ) -> MigrationStats:
     """Send a snapshot to a QEMU destination waiting with ``-incoming``."""
     d = Path(directory)
@@ -211,6 +214,7 @@ async def qemu_restore(
             machine_type=manifest["machine-type"],
             section_id=int(manifest.get("ram-section-id") or 2),
             device_state=device_state,
+            idle_timeout=idle_timeout,
         ) as src:
             return await src.complete()
     finally:

@@ -413,3 +413,73 @@ def test_bad_size() -> None:
     assert res.rc == 2
     assert "bad size '12Q'" in res.err
     assert res.out == ""
+
+
+# --- limits and the plugin allow-list -----------------------------------------------------
+
+
+def test_plugins_allow_list() -> None:
+    res = run("plugins", "--json", "--allow-method", "zstd")
+    assert res.rc == 0, res.err
+    assert [m["name"] for m in json.loads(res.out)["methods"]] == ["zstd"]
+
+
+def test_compression_outside_allow_list_is_refused(tmp_path: Path) -> None:
+    res = run(
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--output",
+        str(tmp_path),
+        "--compression",
+        "zlib",
+        "--allow-method",
+        "none",
+        "--allow-method",
+        "zstd",
+    )
+    assert res.rc == 1
+    line = one_line_error(res, "recv")
+    assert "--compression zlib is not among --allow-method none, zstd" in line
+
+
+def test_recv_max_size(tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    data = tmp_path / "two-mib.img"
+    data.write_bytes(os.urandom(2 << 20))
+    with receiver(tmp_path / "ready", out_dir, "--max-size", "1M") as (recv, port):
+        with spawn(*sender(port, str(data))) as send:
+            received = finish(recv, 20)
+            sent = finish(send, 20)
+    assert received.rc == 1
+    line = one_line_error(received, "recv")
+    assert "LimitExceeded" in line and "more than the 1048576 allowed" in line
+    assert sent.rc in (0, 1)  # the sender may have put everything in the socket buffers
+    assert os.listdir(out_dir) == []
+
+
+def test_recv_idle_timeout(tmp_path: Path) -> None:
+    """A sender that connects every channel and then says nothing more: recv gives up after its
+    --idle-timeout with ChannelStalled, well before its connect --timeout."""
+    from multifd_core.mainstream import MainStreamWriter
+    from multifd_core.wire import MultiFDInit
+
+    w = MainStreamWriter()
+    w.header()
+    w.ram_setup([("disk.img", 1 << 20)])
+    with receiver(tmp_path / "ready", tmp_path / "out", "--idle-timeout", "0.5") as (recv, port):
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            socks[0].sendall(w.take())
+            for cid, s in enumerate(socks[1:]):
+                s.sendall(MultiFDInit(cid, bytes(16)).encode())
+            start = time.monotonic()
+            received = finish(recv, 20)
+            took = time.monotonic() - start
+        finally:
+            for s in socks:
+                s.close()
+    assert received.rc == 1
+    line = one_line_error(received, "recv")
+    assert "ChannelStalled" in line and "idle timeout 0.5 s" in line
+    assert took < 8
