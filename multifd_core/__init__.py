@@ -17,6 +17,7 @@ from .methods import (
 from .migration import Destination, Source, migrate, open_destination, open_source, receive
 from .ram import RAMBlock
 from .stats import MigrationStats
+from .tls import TLSAcceptor, client_context, server_context, tls_acceptor, tls_connector
 from .transport import (
     Acceptor,
     MemoryNetwork,
@@ -46,6 +47,11 @@ __all__ = [
     "RAMBlock",
     "RecvContext",
     "SendContext",
+    "TLSAcceptor",
+    "client_context",
+    "server_context",
+    "tls_acceptor",
+    "tls_connector",
     "hookimpl",
     "load_methods",
     "open_tcp_acceptor",

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import random
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from .methods import load_methods
 from .migration import library_errors, open_destination, open_source
 from .ram import RAMBlock
 from .stats import MigrationStats
+from .tls import client_context, server_context, tls_acceptor, tls_connector
 from .transport import (
     Connector,
     open_tcp_acceptor,
@@ -148,6 +150,36 @@ async def _acceptor(address: tuple[str, Any]) -> Any:
     return await open_tcp_acceptor(*where)
 
 
+def _tls_connector(args: argparse.Namespace, connect: Connector) -> Connector:
+    """send: ``connect`` wrapped in TLS when any --tls option is given."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_hostname):
+        return connect
+    if args.tls_cert and not args.tls_key:
+        raise ConfigError("--tls-cert needs --tls-key (the client certificate's private key)")
+    if args.tls_key and not args.tls_cert:
+        raise ConfigError("--tls-key needs --tls-cert (the client certificate)")
+    kind, where = args.connect
+    hostname = args.tls_hostname or (where[0] if kind == "tcp" else None)
+    if not hostname:
+        raise ConfigError("TLS over unix: needs --tls-hostname (the name in the server's cert)")
+    ctx = client_context(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key)
+    return tls_connector(connect, ctx, hostname)
+
+
+def _tls_server_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """recv: the server's TLS context when any --tls option is given."""
+    if not (args.tls or args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ConfigError(
+            "TLS on the receiving end needs --tls-cert and --tls-key "
+            "(this server's certificate and private key)"
+        )
+    return server_context(
+        cert_file=args.tls_cert, key_file=args.tls_key, client_ca_file=args.tls_client_ca
+    )
+
+
 def _blocks_equal(a: memoryview, b: memoryview, chunk: int = 4 << 20) -> bool:
     if len(a) != len(b):
         return False
@@ -255,7 +287,7 @@ async def cmd_send(args: argparse.Namespace) -> dict[str, Any]:
         async with (
             open_source(
                 blocks,
-                _connector(args.connect),
+                _tls_connector(args, _connector(args.connect)),
                 channels=args.channels,
                 method=args.compression,
                 method_options=parse_options(args.method_option),
@@ -290,7 +322,10 @@ async def cmd_recv(args: argparse.Namespace) -> dict[str, Any]:
         made[name] = (block, final)
         return block
 
+    tls = _tls_server_context(args)
     acceptor = await _acceptor(args.listen)
+    if tls is not None:
+        acceptor = tls_acceptor(acceptor, tls)
     ok = False
     try:
         async with acceptor:
@@ -470,6 +505,30 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _tls_options(p: argparse.ArgumentParser, *, server: bool) -> None:
+    g = p.add_argument_group("TLS (every channel; implied by any --tls-* option)")
+    g.add_argument("--tls", action="store_true", help="use TLS")
+    if server:
+        g.add_argument("--tls-cert", metavar="FILE", help="this server's certificate (PEM)")
+        g.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+        g.add_argument(
+            "--tls-client-ca",
+            metavar="FILE",
+            help="require client certificates signed by this CA (PEM): mutual TLS",
+        )
+    else:
+        g.add_argument(
+            "--tls-ca", metavar="FILE", help="CA to verify the server with (default: system's)"
+        )
+        g.add_argument(
+            "--tls-hostname",
+            metavar="NAME",
+            help="name the server's certificate must carry (default: the host connected to)",
+        )
+        g.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM), for mTLS")
+        g.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+
+
 def _listening(p: argparse.ArgumentParser, *, timeout: float, waits_for: str) -> None:
     """The options of a receiving end (recv, qemu-save)."""
     p.add_argument("--listen", type=parse_address, required=True, metavar="HOST:PORT")
@@ -499,10 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", type=parse_address, required=True, metavar="HOST:PORT")
     p.add_argument("--uuid", default=None)
     p.add_argument("files", nargs="+")
+    _tls_options(p, server=False)
 
     p = sub.add_parser("recv", help="receive files from a `multifd send`")
     _common(p)
     _listening(p, timeout=60.0, waits_for="connections")
+    _tls_options(p, server=True)
     p.add_argument(
         "--max-size",
         type=parse_size,

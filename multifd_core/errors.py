@@ -165,6 +165,11 @@ class ChannelClosed(ChannelError):
     """The peer closed a channel before the migration ended."""
 
 
+class TLSError(ChannelError):
+    """TLS failed on a channel: the message says why (certificate verify failed, hostname
+    mismatch, missing client certificate, a peer that does not speak TLS, ...)."""
+
+
 class MigrationTimeout(MultiFDError):
     """A wait on the peer exceeded its bound."""
 

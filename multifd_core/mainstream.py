@@ -27,7 +27,9 @@ import struct
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
+
+import numpy as np
 
 from .errors import (
     BadMagic,
@@ -91,6 +93,7 @@ __all__ = [
     "RoundEnd",
     "VmDescription",
     "ZeroPage",
+    "ZeroPages",
 ]
 
 QEMU_VM_FILE_MAGIC: Final = 0x5145564D  # "QEVM"
@@ -163,6 +166,9 @@ _BE32 = struct.Struct(">I")
 _HEADER = struct.Struct(">II")
 _SECTION = struct.Struct(">BI")  # section type + section id (PART, END, footer)
 _RECORD_FILL = struct.Struct(">QB")  # a CONTINUE zero record: be64 + fill byte
+_RECORD_DTYPE = np.dtype([("value", ">u8"), ("fill", "u1")])  # the same, as a numpy record
+#: CONTINUE zero records parsed at most per ZeroPages event.
+ZERO_RUN_MAX = 65536
 _INSTANCE_VERSION = struct.Struct(">II")
 _ZERO_CONT: Final = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
 _EOS_RECORD: Final = _BE64.pack(RAM_SAVE_FLAG_EOS)
@@ -234,6 +240,26 @@ class ZeroPage:
     fill: int
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ZeroPages:
+    """A run of CONTINUE zero records of one block (parsers made with ``batch_zero_pages``).
+
+    ``offsets`` (uint64) and ``fills`` (uint8) are arrays of the same length, in stream order;
+    the run stands for one ZeroPage event per element.
+    """
+
+    block: str
+    offsets: np.ndarray[Any, np.dtype[np.uint64]]
+    fills: np.ndarray[Any, np.dtype[np.uint8]]
+
+    def expand(self) -> list[ZeroPage]:
+        """The same records as single ZeroPage events."""
+        return [
+            ZeroPage(self.block, off, fill)
+            for off, fill in zip(self.offsets.tolist(), self.fills.tolist(), strict=True)
+        ]
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     """A RAM_SAVE_FLAG_PAGE record: one whole page inline."""
@@ -292,6 +318,7 @@ MainEvent: TypeAlias = (
     | Configuration
     | RamBlocks
     | ZeroPage
+    | ZeroPages
     | Page
     | RoundEnd
     | RamEnd
@@ -478,22 +505,29 @@ class MainStreamWriter:
             raise ConfigError("page record outside a RAM section")
         if not 0 <= fill <= 0xFF:
             raise ConfigError(f"fill byte {fill} outside 0..255")
-        offs = list(offsets)
-        if not offs:
+        try:
+            offs = np.asarray(
+                offsets if isinstance(offsets, np.ndarray) else list(offsets), dtype=np.int64
+            )
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ConfigError(f"bad page offsets for block {block!r}: {exc}") from None
+        if not len(offs):
             return
-        mask, size = self._mask, info.size
-        for off in offs:
-            if off & mask or not 0 <= off < size:
-                raise ConfigError(f"offset {off:#x} is not a page of block {block!r}")
+        bad = (offs & self._mask).astype(bool) | (offs < 0) | (offs >= info.size)
+        if bad.any():
+            off = int(offs[int(np.argmax(bad))])
+            raise ConfigError(f"offset {off:#x} is not a page of block {block!r}")
         if block != self._last_block:
-            self._buf += _BE64.pack(offs[0] | RAM_SAVE_FLAG_ZERO)
+            self._buf += _BE64.pack(int(offs[0]) | RAM_SAVE_FLAG_ZERO)
             self._buf += info.prefix
             self._buf.append(fill)
             self._last_block = block
             offs = offs[1:]
-        if offs:
-            pack = _RECORD_FILL.pack
-            self._buf += b"".join([pack(off | _ZERO_CONT, fill) for off in offs])
+        if len(offs):
+            records = np.empty(len(offs), dtype=_RECORD_DTYPE)
+            records["value"] = offs.astype(np.uint64) | np.uint64(_ZERO_CONT)
+            records["fill"] = fill
+            self._buf += records.tobytes()
 
     def page(self, block: str, offset: int, data: bytes | bytearray | memoryview) -> None:
         """A page record: the page's bytes inline (QEMU without multifd)."""
@@ -538,7 +572,10 @@ class MainStreamParser:
         page_size: int = 4096,
         max_blocks: int = 4096,
         max_device_state: int | None = None,
+        batch_zero_pages: bool = False,
     ) -> None:
+        """``batch_zero_pages``: runs of CONTINUE zero records come as one ZeroPages event
+        (parsed in C) instead of one ZeroPage event each."""
         check_page_size(page_size)
         if max_blocks < 0:
             raise ConfigError(f"max_blocks {max_blocks} is negative")
@@ -547,6 +584,7 @@ class MainStreamParser:
         self.page_size = page_size
         self.max_blocks = max_blocks
         self.max_device_state = max_device_state
+        self.batch_zero_pages = batch_zero_pages
         self._mask = page_size - 1
         self._page = struct.Struct(f"{page_size}s")
         self._buf = bytearray()
@@ -852,6 +890,8 @@ class MainStreamParser:
                 raise MainStreamError("CONTINUE record with no previous block")
             if offset > block.last:
                 raise BadOffset(f"offset {offset:#x} is outside block {block.name!r}")
+            if self.batch_zero_pages and avail >= 18:
+                return self._zero_run(block)
             self._pos = pos + 9
             return ZeroPage(block.name, offset, buf[pos + 8])
         base = flags & ~RAM_SAVE_FLAG_CONTINUE
@@ -895,6 +935,30 @@ class MainStreamParser:
         self._pos = p + self.page_size
         self._last = block
         return Page(block.name, offset, data)
+
+    def _zero_run(self, block: _PBlock) -> ZeroPages:
+        """The buffered run of CONTINUE zero records at ``_pos`` (at least one), as one event."""
+        pos = self._pos
+        n = min((len(self._buf) - pos) // 9, ZERO_RUN_MAX)
+        records = np.frombuffer(self._buf, dtype=_RECORD_DTYPE, count=n, offset=pos)
+        values = records["value"].astype(np.uint64)
+        fills = records["fill"].copy()
+        del records  # no view of the buffer may outlive this call: feed() resizes it
+        mask = np.uint64(self._mask)
+        same = (values & mask) == np.uint64(_ZERO_CONT)
+        if not same.all():
+            n = int(np.argmin(same))  # the first record of another kind ends the run
+            values, fills = values[:n], fills[:n]
+        offsets = values & ~mask
+        outside = offsets > np.uint64(block.last)
+        if outside.any():
+            first = int(np.argmax(outside))
+            if first:  # the good records before it still count, as they would one by one
+                n, offsets, fills = first, offsets[:first], fills[:first]
+            else:
+                raise BadOffset(f"offset {int(offsets[0]):#x} is outside block {block.name!r}")
+        self._pos = pos + 9 * n
+        return ZeroPages(block.name, offsets, fills)
 
     def _bad_flags(self, flags: int) -> None:
         if flags & RAM_SAVE_FLAG_MEM_SIZE:

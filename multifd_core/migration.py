@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from . import mainstream as ms
+from . import scan
 from .errors import (
     BadMagic,
     BlockMismatch,
@@ -29,11 +30,12 @@ from .errors import (
     MigrationTimeout,
     MultiFDError,
     ProtocolError,
+    TLSError,
     TruncatedStream,
     UuidMismatch,
 )
 from .methods import MethodRegistry, MultiFDMethod, load_methods
-from .ram import RAMBlock, ZeroScanner
+from .ram import RAMBlock
 from .recv import MultiFDRecvChannel, MultiFDRecvState
 from .send import MultiFDSendChannel, MultiFDSendState, default_thread_limit
 from .stats import MigrationStats
@@ -55,8 +57,6 @@ BlockFactory = Callable[[str, int, int], RAMBlock]
 
 #: Main-channel bytes buffered before they are written out mid-round.
 MAIN_FLUSH_BYTES = 256 * 1024
-#: Zero pages gathered before their records are written.
-ZERO_BATCH = 4096
 QEVM = b"QEVM"
 
 
@@ -74,8 +74,8 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 def _rank(exc: BaseException) -> int:
     if isinstance(exc, ProtocolError):
         return 0  # the root cause: what the peer did wrong
-    if isinstance(exc, ChannelStalled):
-        return 1  # found by this side's watchdog: a cause, not a consequence
+    if isinstance(exc, ChannelStalled | TLSError):
+        return 1  # found by this side (watchdog, TLS check): a cause, not a consequence
     if isinstance(exc, ChannelError):
         return 2  # often only a consequence of the other end stopping
     return 1
@@ -196,6 +196,9 @@ class Source:
             ) from None
         except OSError as exc:
             raise ChannelError(f"cannot connect the {name}: {exc}", channel=channel) from exc
+        except ChannelError as exc:  # from the connector itself (TLS): say which channel
+            exc.channel = channel
+            raise
         io = ChannelIO(stream, channel)
         self.ios.append(io)
         return io
@@ -274,17 +277,6 @@ class Source:
         stats.dirty_pages_remaining -= sent - stats.pages_this_round
         stats.pages_this_round = sent
 
-    async def _send_zero_pages(self, block: RAMBlock, zeros: list[int]) -> int:
-        """Zero-page records on the main channel for ``zeros`` (then cleared); returns the count."""
-        n = len(zeros)
-        if n:
-            self.writer.zero_pages(block.name, zeros)
-            zeros.clear()
-            self.stats.zero_pages += n
-            if self.writer.pending() >= MAIN_FLUSH_BYTES:
-                await self._flush_main()
-        return n
-
     async def _send_dirty(self, last: bool) -> int:
         state = self.state
         assert state is not None
@@ -300,26 +292,21 @@ class Source:
         for block in self.blocks:
             await state.set_block(block)  # QEMU cuts a packet when the block changes
             bitmap = block.sync_dirty_bitmap()
-            is_zero = ZeroScanner(block, bitmap).is_zero
-            queue_page = state.queue_page
-            zeros: list[int] = []
             ps = block.page_size
-            find = bitmap.find
-            i = find(1)
-            # the per-page loop is kept lean: records and counters are written in batches
-            while i >= 0:
-                offset = i * ps
-                if is_zero(offset):
-                    zeros.append(offset)
-                    if len(zeros) >= ZERO_BATCH:
-                        sent += await self._send_zero_pages(block, zeros)
-                elif queue_page(offset):
-                    sent += state.pages_per_packet
+            # no per-page Python: a worker thread classifies the next window of dirty pages
+            # (numpy) while this one's zero records are written and its packets sent
+            windows_send, windows = trio.open_memory_channel[tuple[Any, Any]](scan.AHEAD)
+            async with trio.open_nursery() as scanning, windows:
+                scanning.start_soon(scan.produce_windows, block, bitmap, windows_send)
+                async for normal, zero in windows:
+                    if len(zero):
+                        w.zero_pages(block.name, zero * ps)
+                        stats.zero_pages += len(zero)
+                        if w.pending() >= MAIN_FLUSH_BYTES:
+                            await self._flush_main()
+                    sent += len(zero) + len(normal)
+                    await state.queue_pages((normal * ps).tolist())
                     self._progress(sent)
-                    await state.send_pages()
-                i = find(1, i + 1)
-            sent += await self._send_zero_pages(block, zeros) + len(state.offsets)
-            self._progress(sent)
         await state.send_sync_main()
         w.eos()
         if last and self.device_state is None:
@@ -527,6 +514,7 @@ class Destination:
         self._handshakes_done = trio.Event()
         try:
             with trio.fail_after(self.handshake_timeout):
+                await io.handshake()  # TLS: here, in this connection's task, bounded
                 magic = await io.receive_exactly(4, "the first bytes of a connection")
                 if magic == MULTIFD_MAGIC_BYTES:
                     rest = await io.receive_exactly(MULTIFD_INIT_SIZE - 4, "the init packet")
@@ -570,9 +558,11 @@ class Destination:
             self.state.channels[init.id] = ch
             await ch.multifd_recv_thread()
         else:
+            tls = " (a TLS handshake: the peer uses TLS, this side does not)"
             raise BadMagic(
                 f"a connection starts with {bytes(magic).hex()}: neither a main channel "
                 f"({QEVM.hex()}) nor a multifd channel ({MULTIFD_MAGIC_BYTES.hex()})"
+                + (tls if magic[:2] == b"\x16\x03" else "")
             )
 
     def _setup_blocks(self, announced: Sequence[tuple[str, int]]) -> None:
@@ -613,6 +603,7 @@ class Destination:
             page_size=self.page_size,
             max_device_state=self.max_device_state,
             max_blocks=self.max_blocks,
+            batch_zero_pages=True,
         )
         state = self.state
         stats = self.stats
@@ -629,7 +620,10 @@ class Destination:
                 else:
                     parser.feed_eof()
                 continue
-            if isinstance(ev, ms.ZeroPage):
+            if isinstance(ev, ms.ZeroPages):
+                self.blocks[ev.block].fill_pages(ev.offsets, ev.fills)
+                stats.zero_pages += len(ev.offsets)
+            elif isinstance(ev, ms.ZeroPage):
                 self.blocks[ev.block].fill_page(ev.offset, ev.fill)
                 stats.zero_pages += 1
             elif isinstance(ev, ms.RoundEnd):

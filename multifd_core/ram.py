@@ -13,10 +13,14 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from .errors import ConfigError
 from .wire import check_page_size, encode_block_name
 
 ZERO_PAGE_CACHE: dict[int, bytes] = {}
+#: Pages tested per step by ``RAMBlock.fill_pages`` (a copy of this many pages at most).
+FILL_CHUNK = 1024
 
 
 def zero_page(page_size: int) -> bytes:
@@ -34,7 +38,13 @@ class RAMBlock:
     """
 
     def __init__(
-        self, name: str, memory: Any, page_size: int = 4096, *, known_zero: bool = False
+        self,
+        name: str,
+        memory: Any,
+        page_size: int = 4096,
+        *,
+        known_zero: bool = False,
+        fd: int | None = None,
     ) -> None:
         encode_block_name(name)
         check_page_size(page_size)
@@ -61,6 +71,10 @@ class RAMBlock:
         self._written: bytearray | None = bytearray(self.npages) if known_zero else None
         # bytearray/bytes compare in place; other buffers (mmap, arrays) through a page copy
         self._direct = memory if type(memory) in (bytearray, bytes) else None
+        # fd: the file that ``memory`` maps (shared), owned by the block. A destination writes
+        # received pages with pwrite through it: a page fault per 4 KiB page of a fresh shared
+        # mapping costs ~3x more than the kernel filling the page cache itself (tmpfs, measured)
+        self.fd = fd
 
     def __repr__(self) -> str:
         return f"RAMBlock({self.name!r}, size={self.size}, page_size={self.page_size})"
@@ -93,15 +107,24 @@ class RAMBlock:
             if length == 0:
                 raise ConfigError(f"block {name!r}: file {os.fspath(path)!r} is empty")
             mem = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
-        return cls(name, mem, page_size, known_zero=was_empty)
+            raise
+        try:
+            return cls(name, mem, page_size, known_zero=was_empty, fd=fd)
+        except BaseException:
+            mem.close()
+            os.close(fd)
+            raise
 
     def close(self) -> None:
         """Release the memoryview and close an mmap backing (flushing a file mapping)."""
         self.host.release()
         if isinstance(self.memory, mmap.mmap):
             self.memory.close()
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
 
     # --- pages ----------------------------------------------------------------------------
 
@@ -132,6 +155,30 @@ class RAMBlock:
             if written is not None:
                 written[offset // ps] = 1
 
+    def fill_pages(self, offsets: np.ndarray[Any, Any], fills: np.ndarray[Any, Any]) -> None:
+        """``fill_page`` for many pages at once (``offsets`` valid page offsets of this block):
+        the zero pages are tested and written in C, a chunk of pages at a time."""
+        ps = self.page_size
+        idx = (offsets // ps).astype(np.intp)
+        other = fills != 0
+        if other.any():  # QEMU only sends fill 0; any other fill goes page by page
+            for off, fill in zip(offsets[other].tolist(), fills[other].tolist(), strict=True):
+                self.fill_page(off, fill)
+            idx = idx[~other]
+        if self._written is not None:
+            written = np.frombuffer(self._written, dtype=np.uint8)
+            dirty = idx[written[idx] != 0]  # only pages written before can be non-zero
+            written[dirty] = 0
+            del written
+            for off in (dirty * ps).tolist():
+                self.host[off : off + ps] = zero_page(ps)
+            return
+        words = np.frombuffer(self.host, dtype=np.uint64).reshape(self.npages, ps // 8)
+        for i in range(0, len(idx), FILL_CHUNK):  # test a copy of at most FILL_CHUNK pages
+            chunk = idx[i : i + FILL_CHUNK]
+            nonzero = chunk[np.bitwise_or.reduce(words[chunk], axis=1) != 0]
+            words[nonzero] = 0
+
     def note_written(self, offsets: Sequence[int]) -> None:
         """Record that the pages at ``offsets`` were written (see ``known_zero``)."""
         written = self._written
@@ -140,22 +187,38 @@ class RAMBlock:
             for off in offsets:
                 written[off // ps] = 1
 
-    def page_runs(self, offsets: Sequence[int]) -> list[memoryview]:
-        """The pages at ``offsets`` as memoryviews, contiguous pages joined into one view."""
+    def spans(self, offsets: Sequence[int]) -> list[tuple[int, int]]:
+        """The pages at ``offsets`` as (start, end) byte ranges, contiguous pages joined."""
         ps = self.page_size
-        host = self.host
-        runs: list[memoryview] = []
+        spans: list[tuple[int, int]] = []
         start = end = -1
         for off in offsets:
             if off == end:
                 end += ps
                 continue
             if start >= 0:
-                runs.append(host[start:end])
+                spans.append((start, end))
             start, end = off, off + ps
         if start >= 0:
-            runs.append(host[start:end])
-        return runs
+            spans.append((start, end))
+        return spans
+
+    def page_runs(self, offsets: Sequence[int]) -> list[memoryview]:
+        """The pages at ``offsets`` as memoryviews, contiguous pages joined into one view."""
+        host = self.host
+        return [host[start:end] for start, end in self.spans(offsets)]
+
+    def write_spans(self, spans: Sequence[tuple[int, int]], views: Sequence[memoryview]) -> None:
+        """Write ``views`` (one per span, of its length) at ``spans``: pwrite when the block has
+        a file, else a copy into the memory."""
+        fd = self.fd
+        for (start, end), view in zip(spans, views, strict=True):
+            if fd is None:
+                self.host[start:end] = view
+                continue
+            done = 0
+            while done < end - start:
+                done += os.pwrite(fd, view[done:], start + done)
 
     # --- dirty tracking (the app marks, migration collects) --------------------------------
 
@@ -177,39 +240,6 @@ class RAMBlock:
         """Take the dirty bitmap and start a fresh one (QEMU's migration_bitmap_sync)."""
         taken, self._dirty = self._dirty, bytearray(self.npages)
         return taken
-
-
-class ZeroScanner:
-    """Zero-page tests over one round's dirty pages, at memcmp speed.
-
-    bytearray blocks are compared in place; other memory (mmap, files) is copied a run of dirty
-    pages at a time (at most ``window`` pages) into one reused buffer, instead of a new bytes
-    object per page.
-    """
-
-    def __init__(self, block: RAMBlock, bitmap: bytearray, window: int = 64) -> None:
-        self.block = block
-        self.bitmap = bitmap
-        self.window = window
-        self.zero = zero_page(block.page_size)
-        self.direct = block._direct
-        self.scratch = bytearray(window * block.page_size) if self.direct is None else None
-        self.start = self.end = 0
-
-    def is_zero(self, offset: int) -> bool:
-        if self.direct is not None:
-            return self.direct.startswith(self.zero, offset)
-        if not self.start <= offset < self.end:
-            ps = self.block.page_size
-            page = offset // ps
-            run_end = self.bitmap.find(0, page, page + self.window)
-            pages = (run_end if run_end >= 0 else min(page + self.window, len(self.bitmap))) - page
-            n = pages * ps
-            assert self.scratch is not None
-            self.scratch[:n] = self.block.host[offset : offset + n]
-            self.start, self.end = offset, offset + n
-        assert self.scratch is not None
-        return self.scratch.startswith(self.zero, offset - self.start)
 
 
 def iter_dirty(bitmap: bytearray, page_size: int) -> Iterator[int]:

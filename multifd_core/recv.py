@@ -96,6 +96,7 @@ class MultiFDRecvChannel:
         self._payload = bytearray(
             0 if method.raw_payload else method.payload_size(rules.max_pages * rules.page_size)[1]
         )
+        self._bounce: bytearray | None = None  # pages bound for a file block (see _targets)
 
     async def multifd_recv_thread(self) -> None:
         try:
@@ -144,11 +145,29 @@ class MultiFDRecvChannel:
                     state.reports_send.send_nowait((self.id, Report.SYNC))
                     await self.sem_sync.acquire()
 
+    def _targets(self, block: RAMBlock, spans: list[tuple[int, int]]) -> list[memoryview]:
+        """Where the packet's pages land first: the block's memory itself, or for a block with a
+        file, this channel's bounce buffer (written to the file with pwrite afterwards)."""
+        if block.fd is None:
+            host = block.host
+            return [host[start:end] for start, end in spans]
+        if self._bounce is None:
+            rules = self.state.rules
+            self._bounce = bytearray(rules.max_pages * rules.page_size)
+        bounce = memoryview(self._bounce)
+        views = []
+        pos = 0
+        for start, end in spans:
+            views.append(bounce[pos : pos + end - start])
+            pos += end - start
+        return views
+
     async def _recv_pages(self, packet: MultiFDPacket) -> None:
         block = self.state.blocks[packet.ramblock]
         if packet.normal_pages:
             block.note_written(packet.normal_offsets)
-            runs = block.page_runs(packet.normal_offsets)
+            spans = block.spans(packet.normal_offsets)
+            runs = self._targets(block, spans)
             what = f"packet {packet.packet_num} payload"
             if self.method.raw_payload:
                 await self.io.receive_into_views(runs, what)
@@ -164,5 +183,7 @@ class MultiFDRecvChannel:
                         self.ctx.recv_pages(payload, runs)
                 except ProtocolError as exc:
                     raise exc.located(channel=self.id, packet_num=packet.packet_num) from None
+            if block.fd is not None:
+                block.write_spans(spans, runs)
         for off in packet.zero_offsets:
             block.fill_page(off)

@@ -143,11 +143,17 @@ class MultiFDSendState:
             await self.send_pages()
             self.block = block
 
-    def queue_page(self, offset: int) -> bool:
-        """Queue one page of the current block (see ``set_block``); True when the packet is
-        full and the caller must ``await send_pages()`` (QEMU: multifd_queue_page)."""
-        self.offsets.append(offset)
-        return len(self.offsets) >= self.pages_per_packet
+    async def queue_pages(self, offsets: list[int]) -> None:
+        """Queue pages of the current block in order, handing each packet to a channel as soon
+        as it is full (QEMU: multifd_queue_page in a loop)."""
+        ppp = self.pages_per_packet
+        i = 0
+        while i < len(offsets):
+            room = ppp - len(self.offsets)
+            self.offsets.extend(offsets[i : i + room])
+            i += room
+            if len(self.offsets) >= ppp:
+                await self.send_pages()
 
     async def send_pages(self) -> None:
         """Give the queued pages to the next idle channel (QEMU: multifd_send_pages)."""

@@ -17,7 +17,8 @@ from typing import Any
 
 import trio
 
-from .errors import ChannelClosed, ChannelError
+from . import tls as _tls
+from .errors import ChannelClosed, ChannelError, TLSError
 
 Buffer = bytes | bytearray | memoryview
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
@@ -157,6 +158,9 @@ class ChannelIO:
         self.stream = stream
         self.channel = channel
         self.sock: Any = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self.tls: trio.SSLStream[Any] | None = (
+            stream if isinstance(stream, trio.SSLStream) else None
+        )
         self._pending = bytearray()  # bytes read ahead (generic streams) or pushed back
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -164,9 +168,20 @@ class ChannelIO:
         self.waiting = IDLE
 
     def _error(self, what: str, exc: BaseException | None = None) -> ChannelError:
+        if exc is not None and self.tls is not None:
+            reason = _tls.stream_failure(exc, self.tls)
+            if reason is not None:
+                return TLSError(f"{what}: {reason}", channel=self.channel)
         if exc is None or _closed_error(exc):
             return ChannelClosed(what, channel=self.channel)
         return ChannelError(f"{what}: {exc}", channel=self.channel)
+
+    async def handshake(self) -> None:
+        """Complete a TLS stream's handshake now (TLSError saying why if it fails); a no-op
+        for other streams and for TLS streams already handshaken."""
+        if self.tls is not None:
+            await _tls.tls_handshake(self.tls, channel=self.channel)
+            self.activity = trio.current_time()
 
     # sending
 
@@ -338,6 +353,9 @@ class ChannelIO:
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             try:
+                if self.tls is not None:  # a bounded close_notify, none before the handshake
+                    await _tls.aclose_tls(self.tls)
+                    return
                 await self.stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass

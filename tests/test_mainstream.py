@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -39,6 +40,7 @@ from multifd_core.mainstream import (
     RoundEnd,
     VmDescription,
     ZeroPage,
+    ZeroPages,
 )
 
 PS = 4096
@@ -911,3 +913,78 @@ def test_mutated_streams_raise_only_multifd_errors(data: st.DataObject) -> None:
         parse(bytes(raw), cuts, max_device_state=1 << 16)
     except MultiFDError:
         pass
+
+
+# --- batched zero records (what the destination uses) -----------------------------------------
+
+
+def expand(events: list[MainEvent]) -> list[MainEvent]:
+    out: list[MainEvent] = []
+    for ev in events:
+        out.extend(ev.expand() if isinstance(ev, ZeroPages) else [ev])
+    return out
+
+
+def outcome(data: bytes, cuts: Sequence[int], **kw: Any) -> tuple[list[MainEvent], str | None]:
+    """Events (batches expanded) until the end or the first error, and that error's type."""
+    parser = MainStreamParser(**kw)
+    out: list[MainEvent] = []
+    last = 0
+    try:
+        for cut in [*sorted(set(cuts)), len(data)]:
+            parser.feed(data[last:cut])
+            last = cut
+            drain(parser, out)
+        parser.feed_eof()
+        drain(parser, out)
+    except MultiFDError as exc:
+        return expand(out), type(exc).__name__
+    return expand(out), None
+
+
+def test_batched_zero_records_equal_single_ones() -> None:
+    rng = random.Random(8)
+    blocks = [("pc.ram", 4096 * PS), ("vga", 16 * PS)]
+    rounds = [
+        [("pc.ram", i, 0, None) for i in range(4096)] + [("vga", 3, 0, None)],
+        [("pc.ram", i, 7 if i % 50 == 0 else 0, None) for i in range(0, 4096, 3)],
+    ]
+    data, expected = writer_stream(blocks, rounds)
+    for cuts in ([], sorted(rng.sample(range(1, len(data)), 300))):
+        events = parse(data, cuts, batch_zero_pages=True)  # type: ignore[arg-type]
+        assert any(isinstance(ev, ZeroPages) and len(ev.offsets) > 100 for ev in events)
+        assert expand(events) == expected
+
+
+def test_batched_zero_run_stops_at_a_bad_offset() -> None:
+    data = PRE + part() + zero(0, b"pc.ram") + zero(PS, None) + zero(2 * PS, None)
+    data += zero(1 << 40, None) + zero(3 * PS, None)
+    events, error = outcome(data, [], batch_zero_pages=True)
+    assert error == "BadOffset"
+    assert events == outcome(data, [])[0]
+    assert [ev.offset for ev in events if isinstance(ev, ZeroPage)] == [0, PS, 2 * PS]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams(), st.data())
+def test_hypothesis_batched_equals_single(
+    stream: tuple[int, list[tuple[str, int]], list[list[tuple]]], data: st.DataObject
+) -> None:
+    page_size, blocks, rounds = stream
+    raw, expected = writer_stream(blocks, rounds, page_size)
+    cuts = data.draw(st.lists(st.integers(0, len(raw)), max_size=20))
+    assert outcome(raw, cuts, page_size=page_size, batch_zero_pages=True) == (expected, None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_hypothesis_mutated_batched_equals_single(data: st.DataObject) -> None:
+    raw = bytearray(
+        PRE + part() + zero(0, b"pc.ram") + b"".join(zero(i * PS, None) for i in range(1, 15))
+    )
+    raw += page(0, b"vga", b"\x01" * PS) + eos() + end() + eos()
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] = data.draw(st.integers(0, 255))
+    cuts = data.draw(st.lists(st.integers(0, len(raw)), max_size=5))
+    assert outcome(bytes(raw), cuts, batch_zero_pages=True) == outcome(bytes(raw), cuts)

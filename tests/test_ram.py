@@ -63,14 +63,11 @@ def test_bad_blocks() -> None:
         RAMBlock("ram", bytearray(PS), page_size=3000)
 
 
-@pytest.mark.parametrize("backing", ["bytearray", "mmap"])
-def test_zero_scanner_agrees_with_is_zero_page(backing: str) -> None:
+def _dirty_image_block(backing: str, npages: int = 300) -> tuple[RAMBlock, bytearray]:
     import random
 
     from multifd_core.image import vm_like_image
-    from multifd_core.ram import ZeroScanner
 
-    npages = 300
     image = vm_like_image(npages * PS, PS, seed=4)
     if backing == "mmap":
         b = RAMBlock.allocate("ram", npages * PS)
@@ -81,8 +78,86 @@ def test_zero_scanner_agrees_with_is_zero_page(backing: str) -> None:
     for off in rng.sample(range(npages), 120):  # sparse and dense runs of dirty pages
         b.mark_dirty(off * PS)
     b.mark_dirty(100 * PS, 90 * PS)
-    bitmap = b.sync_dirty_bitmap()
-    scanner = ZeroScanner(b, bitmap, window=16)
-    got = [scanner.is_zero(off) for off in iter_dirty(bitmap, PS)]
-    want = [b.is_zero_page(off) for off in iter_dirty(bitmap, PS)]
-    assert got == want and any(got) and not all(got)
+    return b, b.sync_dirty_bitmap()
+
+
+@pytest.mark.parametrize("backing", ["bytearray", "mmap"])
+@pytest.mark.parametrize("window", [16, 64, 1000])
+def test_classify_agrees_with_is_zero_page(backing: str, window: int) -> None:
+    from multifd_core.scan import classify, page_words
+
+    b, bitmap = _dirty_image_block(backing)
+    words = page_words(b)
+    normal: list[int] = []
+    zero: list[int] = []
+    for start in range(0, b.npages, window):  # partly dirty and fully dirty windows
+        n, z = classify(words, bitmap, start, min(start + window, b.npages))
+        normal += (n * PS).tolist()
+        zero += (z * PS).tolist()
+    dirty = list(iter_dirty(bitmap, PS))
+    assert normal == [off for off in dirty if not b.is_zero_page(off)]
+    assert zero == [off for off in dirty if b.is_zero_page(off)]
+    assert normal and zero
+
+
+async def test_produce_windows_in_order() -> None:
+    import trio
+
+    from multifd_core.scan import produce_windows
+
+    b, bitmap = _dirty_image_block("bytearray")
+    send, recv = trio.open_memory_channel(1)
+    got: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce_windows, b, bitmap, send, 7)
+        async for normal, zero in recv:
+            got += sorted(normal.tolist() + zero.tolist())
+    assert got == [off // PS for off in iter_dirty(bitmap, PS)]
+
+
+@pytest.mark.parametrize("known_zero", [True, False])
+def test_fill_pages_matches_fill_page(known_zero: bool) -> None:
+    import numpy as np
+
+    npages = 64
+    pattern = bytes(range(256)) * (npages * PS // 256)
+    blocks = []
+    for _ in range(2):
+        b = (
+            RAMBlock.allocate("ram", npages * PS)
+            if known_zero
+            else RAMBlock("ram", bytearray(npages * PS))
+        )
+        written = [1, 2, 3, 10, 40, 63]
+        for page in written:
+            b.host[page * PS : (page + 1) * PS] = pattern[:PS]
+        b.note_written([p * PS for p in written])
+        blocks.append(b)
+    offsets = np.array([p * PS for p in (0, 2, 3, 7, 40, 41, 63, 5)], dtype=np.uint64)
+    fills = np.array([0, 0, 0, 0, 0, 0, 0, 9], dtype=np.uint8)
+    one, many = blocks
+    for off, fill in zip(offsets.tolist(), fills.tolist(), strict=True):
+        one.fill_page(off, fill)
+    many.fill_pages(offsets, fills)
+    assert one.host.tobytes() == many.host.tobytes()
+    assert many.host[PS : 2 * PS].tobytes() == pattern[:PS]  # not in the list: untouched
+    assert not any(many.host[2 * PS : 4 * PS].tobytes())
+    assert many.host[5 * PS : 6 * PS].tobytes() == bytes([9]) * PS
+
+
+def test_write_spans_through_the_file(tmp_path) -> None:
+    b = RAMBlock.from_file("ram", tmp_path / "ram.img", 8 * PS, create=True)
+    try:
+        assert b.fd is not None
+        spans = b.spans([0, PS, 4 * PS, 6 * PS, 7 * PS])
+        assert spans == [(0, 2 * PS), (4 * PS, 5 * PS), (6 * PS, 8 * PS)]
+        views = [memoryview(bytes([i + 1]) * (end - start)) for i, (start, end) in enumerate(spans)]
+        b.write_spans(spans, views)
+        # pwrite and the shared mapping see the same page cache
+        assert b.host[0 : 2 * PS].tobytes() == b"\1" * 2 * PS
+        assert b.host[2 * PS : 4 * PS].tobytes() == bytes(2 * PS)
+        assert b.host[6 * PS :].tobytes() == b"\3" * 2 * PS
+    finally:
+        b.close()
+    assert b.fd is None
+    assert (tmp_path / "ram.img").read_bytes()[4 * PS : 5 * PS] == b"\2" * PS

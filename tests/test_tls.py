@@ -1,0 +1,711 @@
+"""TLS on every channel: real TCP, certificates made here with trustme.
+
+Migrations that must work (server authentication, mutual TLS, several channels, zstd) verify the
+destination's memory and that every connection really was TLS; connections that must be refused
+(wrong CA, wrong hostname, missing or foreign client certificate, plaintext against TLS) end on
+both sides promptly, each with a typed error saying why, and leave no socket behind.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+
+from multifd_core import (
+    RAMBlock,
+    client_context,
+    open_destination,
+    open_source,
+    open_tcp_acceptor,
+    server_context,
+    tcp_connector,
+    tls_acceptor,
+    tls_connector,
+)
+from multifd_core.errors import (
+    BadMagic,
+    ChannelError,
+    ConfigError,
+    MultiFDError,
+    TLSError,
+)
+from multifd_core.image import vm_like_image
+from multifd_core.methods import load_methods
+from multifd_core.transport import ChannelIO, Connector
+
+PS = 4096
+#: both ends of a refused migration must be done well before any timeout could end them
+PROMPT = 5.0
+
+
+@dataclass
+class PKI:
+    """Certificate files: a CA, a server certificate for localhost / 127.0.0.1, client
+    certificates from the same CA and from another CA."""
+
+    ca: Path
+    other_ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    foreign_cert: Path  # a client certificate signed by the other CA
+    foreign_key: Path
+    other_server_cert: Path  # a server certificate signed by the other CA
+    other_server_key: Path
+
+
+def _write_leaf(leaf: trustme.LeafCert, cert: Path, key: Path) -> None:
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(str(key))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    d = tmp_path_factory.mktemp("pki")
+    ca, other = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(d / "ca.pem"))
+    other.cert_pem.write_to_path(str(d / "other-ca.pem"))
+    p = PKI(
+        ca=d / "ca.pem",
+        other_ca=d / "other-ca.pem",
+        server_cert=d / "server.pem",
+        server_key=d / "server.key",
+        client_cert=d / "client.pem",
+        client_key=d / "client.key",
+        foreign_cert=d / "foreign.pem",
+        foreign_key=d / "foreign.key",
+        other_server_cert=d / "other-server.pem",
+        other_server_key=d / "other-server.key",
+    )
+    _write_leaf(ca.issue_cert("localhost", "127.0.0.1"), p.server_cert, p.server_key)
+    _write_leaf(ca.issue_cert("source.example"), p.client_cert, p.client_key)
+    _write_leaf(other.issue_cert("source.example"), p.foreign_cert, p.foreign_key)
+    _write_leaf(other.issue_cert("localhost"), p.other_server_cert, p.other_server_key)
+    return p
+
+
+def zstd_installed() -> bool:
+    return "zstd" in {m.name for m in load_methods()}
+
+
+@dataclass
+class Outcome:
+    src: Any = None  # MigrationStats or the exception the source ended with
+    dst: Any = None
+    src_seconds: float = 0.0
+    dst_seconds: float = 0.0
+    memory: bytearray = field(default_factory=bytearray)
+    received: bytes | None = None
+    server_streams: list[trio.SSLStream[Any]] = field(default_factory=list)
+
+
+async def run_migration(
+    server: ssl.SSLContext | None,
+    connect_wrap: Any,
+    *,
+    channels: int = 2,
+    method: str = "none",
+    size: int = 4 << 20,
+    rounds: int = 2,
+    random_data: bool = False,
+) -> Outcome:
+    """One migration over loopback TCP: the destination listens with ``server`` (None: plain),
+    the source connects through ``connect_wrap(tcp_connector)``. Each end's result or error."""
+    out = Outcome()
+    out.memory = (
+        bytearray(random.Random(size).randbytes(size)) if random_data else vm_like_image(size)
+    )
+    block = RAMBlock("ram", out.memory)
+    async with await open_tcp_acceptor("127.0.0.1", 0) as plain:
+        acceptor: Any = plain
+        if server is not None:
+            tls = tls_acceptor(plain, server)
+
+            async def recording() -> trio.abc.Stream:
+                stream = await tls()
+                out.server_streams.append(stream)
+                return stream
+
+            acceptor = recording
+        start = trio.current_time()
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+
+                async def destination() -> None:
+                    try:
+                        async with open_destination(
+                            acceptor, channels=channels, method=method
+                        ) as dst:
+                            out.dst = await dst.wait()
+                        out.received = dst.blocks["ram"].host.tobytes()
+                    except MultiFDError as exc:
+                        out.dst = exc
+                        await plain.aclose()  # as `multifd recv` exiting: refuse the rest
+                    out.dst_seconds = trio.current_time() - start
+
+                nursery.start_soon(destination)
+                connect = connect_wrap(tcp_connector("127.0.0.1", plain.port))
+                try:
+                    async with open_source(
+                        [block], connect, channels=channels, method=method
+                    ) as src:
+                        for r in range(rounds - 1):
+                            await src.send_round()
+                            for i in range(0, size, 97 * PS):  # the guest keeps writing
+                                out.memory[i : i + 8] = r.to_bytes(8, "little")
+                                block.mark_dirty(i, 8)
+                        out.src = await src.complete()
+                except MultiFDError as exc:
+                    out.src = exc
+                out.src_seconds = trio.current_time() - start
+    return out
+
+
+def client(pki: PKI, *, hostname: str = "localhost", **files: Any) -> Any:
+    files.setdefault("ca_file", pki.ca)
+    ctx = client_context(**files)
+    return lambda connect: tls_connector(connect, ctx, hostname)
+
+
+def plain(connect: Connector) -> Connector:
+    return connect
+
+
+def check_completed(out: Outcome, channels: int) -> None:
+    assert not isinstance(out.src, BaseException), repr(out.src)
+    assert not isinstance(out.dst, BaseException), repr(out.dst)
+    assert out.src.status == "completed" and out.dst.status == "completed"
+    assert out.received == bytes(out.memory)
+    # every connection (main + channels) was TLS 1.3 and completed its handshake
+    assert len(out.server_streams) == channels + 1
+    assert {s.version() for s in out.server_streams} == {"TLSv1.3"}
+
+
+# --- migrations that work -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+async def test_server_authenticated_migration(pki: PKI, channels: int, no_leaks: None) -> None:
+    server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
+    out = await run_migration(server, client(pki), channels=channels)
+    check_completed(out, channels)
+    assert out.dst.rounds >= 2
+    # no client certificate was asked for
+    assert all(not s.getpeercert() for s in out.server_streams)
+
+
+async def test_mutual_tls_migration(pki: PKI, no_leaks: None) -> None:
+    server = server_context(
+        cert_file=pki.server_cert, key_file=pki.server_key, client_ca_file=pki.ca
+    )
+    out = await run_migration(
+        server, client(pki, cert_file=pki.client_cert, key_file=pki.client_key), channels=3
+    )
+    check_completed(out, 3)
+    for s in out.server_streams:  # the destination saw the source's certificate on each
+        names = s.getpeercert()["subjectAltName"]
+        assert ("DNS", "source.example") in names
+
+
+@pytest.mark.skipif(not zstd_installed(), reason="multifd_zstd is not installed")
+async def test_mutual_tls_zstd_migration(pki: PKI, no_leaks: None) -> None:
+    server = server_context(
+        cert_file=pki.server_cert, key_file=pki.server_key, client_ca_file=pki.ca
+    )
+    out = await run_migration(
+        server,
+        client(pki, cert_file=pki.client_cert, key_file=pki.client_key),
+        channels=2,
+        method="zstd",
+        size=8 << 20,
+        rounds=3,
+    )
+    check_completed(out, 2)
+    assert out.dst.method == "zstd"
+    assert out.src.compression_ratio > 1.5
+
+
+async def test_ip_address_as_hostname(pki: PKI, no_leaks: None) -> None:
+    """Connecting to 127.0.0.1 checks the certificate's IP address entry."""
+    server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
+    out = await run_migration(server, client(pki, hostname="127.0.0.1"), size=256 << 10)
+    check_completed(out, 2)
+
+
+# --- refused: both ends stop promptly with a typed error saying why -------------------------
+
+
+def check_refused(out: Outcome) -> tuple[BaseException, BaseException]:
+    assert isinstance(out.src, MultiFDError), f"source: {out.src!r}"
+    assert isinstance(out.dst, MultiFDError), f"destination: {out.dst!r}"
+    assert out.src_seconds < PROMPT and out.dst_seconds < PROMPT, out
+    assert out.received is None
+    return out.src, out.dst
+
+
+async def test_wrong_ca(pki: PKI, no_leaks: None) -> None:
+    server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
+    out = await run_migration(server, client(pki, ca_file=pki.other_ca))
+    src, dst = check_refused(out)
+    assert isinstance(src, TLSError) and src.channel is None  # the main channel, first
+    assert "certificate verify failed" in str(src)
+    assert "the server's certificate" in str(src)
+    assert isinstance(dst, TLSError)
+    assert "unknown ca" in str(dst)
+
+
+async def test_server_certificate_from_another_ca(pki: PKI, no_leaks: None) -> None:
+    server = server_context(cert_file=pki.other_server_cert, key_file=pki.other_server_key)
+    out = await run_migration(server, client(pki))
+    src, dst = check_refused(out)
+    assert isinstance(src, TLSError)
+    assert "certificate verify failed" in str(src)
+    assert isinstance(dst, TLSError)
+
+
+async def test_wrong_hostname(pki: PKI, no_leaks: None) -> None:
+    server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
+    out = await run_migration(server, client(pki, hostname="wrong.example"))
+    src, dst = check_refused(out)
+    assert isinstance(src, TLSError)
+    assert "hostname mismatch" in str(src).lower()
+    assert "wrong.example" in str(src)
+    assert isinstance(dst, TLSError)
+    assert "bad certificate" in str(dst)
+
+
+async def test_missing_client_certificate(pki: PKI, no_leaks: None) -> None:
+    server = server_context(
+        cert_file=pki.server_cert, key_file=pki.server_key, client_ca_file=pki.ca
+    )
+    # random data: a source that did not notice would need far more than the socket buffers
+    out = await run_migration(server, client(pki), size=16 << 20, random_data=True)
+    src, dst = check_refused(out)
+    assert isinstance(dst, TLSError)
+    assert "missing client certificate" in str(dst)
+    # TLS 1.3: the client's handshake ends before the server checks it; the source learns
+    # of the refusal from the closed connection
+    assert isinstance(src, ChannelError)
+
+
+async def test_client_certificate_from_another_ca(pki: PKI, no_leaks: None) -> None:
+    server = server_context(
+        cert_file=pki.server_cert, key_file=pki.server_key, client_ca_file=pki.ca
+    )
+    wrap = client(pki, cert_file=pki.foreign_cert, key_file=pki.foreign_key)
+    out = await run_migration(server, wrap, size=16 << 20, random_data=True)
+    src, dst = check_refused(out)
+    assert isinstance(dst, TLSError)
+    assert "certificate verify failed" in str(dst)
+    assert "the client's certificate" in str(dst)
+    assert isinstance(src, ChannelError)
+
+
+async def test_plaintext_source_to_tls_destination(pki: PKI, no_leaks: None) -> None:
+    server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
+    out = await run_migration(server, plain, size=16 << 20, random_data=True)
+    src, dst = check_refused(out)
+    assert isinstance(dst, TLSError)
+    assert "does not speak TLS" in str(dst)
+    assert isinstance(src, ChannelError)
+
+
+async def test_tls_source_to_plaintext_destination(pki: PKI, no_leaks: None) -> None:
+    out = await run_migration(None, client(pki))
+    src, dst = check_refused(out)
+    assert isinstance(dst, BadMagic)
+    assert "the peer uses TLS" in str(dst)
+    assert isinstance(src, TLSError)
+    assert "TLS handshake failed" in str(src)
+
+
+# --- the handshake's place and bounds -------------------------------------------------------
+
+
+async def test_silent_client_does_not_block_other_connections(pki: PKI, no_leaks: None) -> None:
+    """A connection that never starts its handshake sits in its own task: the source's
+    connections are accepted and handshaken meanwhile, and the migration's data arrives."""
+    server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
+    memory = vm_like_image(1 << 20)
+    block = RAMBlock("ram", memory)
+    result: dict[str, Any] = {}
+    ctx = client_context(ca_file=pki.ca)
+    async with await open_tcp_acceptor("127.0.0.1", 0) as acc:
+        silent = await trio.open_tcp_stream("127.0.0.1", acc.port)
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+
+                async def destination() -> None:
+                    try:
+                        async with open_destination(
+                            tls_acceptor(acc, server), channels=2, handshake_timeout=3
+                        ) as dst:
+                            result["dst"] = dst
+                            await dst.wait()
+                    except MultiFDError as exc:  # the silent one timing out, at the end
+                        result["error"] = exc
+
+                nursery.start_soon(destination)
+                await trio.sleep(0.3)  # the silent connection is accepted first
+                connect = tls_connector(
+                    tcp_connector("127.0.0.1", acc.port), ctx, "localhost", handshake_timeout=2
+                )
+                # a handshake held up behind the silent one (3 s) would time out here (2 s)
+                async with open_source([block], connect, channels=2) as src:
+                    result["src"] = await src.complete()
+        await silent.aclose()
+    assert result["src"].status == "completed"
+    assert result["dst"].blocks["ram"].host.tobytes() == bytes(memory)
+
+
+async def test_destination_handshake_timeout(pki: PKI, no_leaks: None) -> None:
+    """A client that connects and never speaks TLS: the destination gives up after its
+    handshake timeout, with a typed error."""
+    from multifd_core.errors import MigrationTimeout
+
+    server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
+    async with await open_tcp_acceptor("127.0.0.1", 0) as acc:
+        silent = await trio.open_tcp_stream("127.0.0.1", acc.port)
+        with trio.fail_after(10), pytest.raises(MigrationTimeout, match="handshake"):
+            async with open_destination(
+                tls_acceptor(acc, server), channels=1, handshake_timeout=0.5
+            ) as dst:
+                await dst.wait()
+        await silent.aclose()
+
+
+async def test_source_handshake_timeout(pki: PKI, no_leaks: None) -> None:
+    """A server that accepts and never answers: the connector gives up after its timeout."""
+    ctx = client_context(ca_file=pki.ca)
+    async with await open_tcp_acceptor("127.0.0.1", 0) as acc:
+        connect = tls_connector(
+            tcp_connector("127.0.0.1", acc.port), ctx, "localhost", handshake_timeout=0.5
+        )
+        block = RAMBlock("ram", bytearray(64 << 10))
+        with trio.fail_after(10), pytest.raises(TLSError, match="no answer") as info:
+            async with open_source([block], connect, channels=1) as src:
+                await src.complete()
+        assert info.value.channel is None
+        assert "main channel" in str(info.value)
+
+
+async def test_tls_streams_take_the_generic_path(pki: PKI, no_leaks: None) -> None:
+    """Zero-copy socket calls are for plain sockets only; TLS streams read and write through
+    the SSLStream (a regression here would bypass the encryption)."""
+    server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
+    ctx = client_context(ca_file=pki.ca)
+    async with await open_tcp_acceptor("127.0.0.1", 0) as acc:
+        raw = await tcp_connector("127.0.0.1", acc.port)()
+        plain_io = ChannelIO(raw)
+        assert plain_io.sock is not None and plain_io.tls is None
+        await plain_io.aclose()
+        await (await acc()).aclose()
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                io = ChannelIO(await tls_acceptor(acc, server)(), 0)
+                await io.handshake()
+                assert io.sock is None and io.tls is not None
+                got = await io.receive_exactly(5, "hello")
+                assert bytes(got) == b"hello"
+                assert await io.at_eof()
+                await io.aclose()
+
+            nursery.start_soon(serve)
+            stream = await tls_connector(tcp_connector("127.0.0.1", acc.port), ctx, "localhost")()
+            io = ChannelIO(stream, 0)
+            assert io.sock is None
+            await io.send_all(b"hello")
+            await io.aclose()
+
+
+# --- contexts -------------------------------------------------------------------------------
+
+
+def test_contexts_are_hardened(pki: PKI) -> None:
+    for ctx in (
+        client_context(ca_file=pki.ca),
+        server_context(cert_file=pki.server_cert, key_file=pki.server_key),
+    ):
+        assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+        assert ctx.options & ssl.OP_NO_COMPRESSION
+    c = client_context(ca_file=pki.ca)
+    assert c.check_hostname and c.verify_mode == ssl.CERT_REQUIRED
+    s = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
+    assert s.verify_mode == ssl.CERT_NONE
+    m = server_context(cert_file=pki.server_cert, key_file=pki.server_key, client_ca_file=pki.ca)
+    assert m.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_context_errors(pki: PKI, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs its certificate"):
+        client_context(ca_file=pki.ca, key_file=pki.client_key)
+    with pytest.raises(ConfigError, match="no such file"):
+        client_context(ca_file=tmp_path / "missing.pem")
+    with pytest.raises(ConfigError, match="no such file"):
+        server_context(cert_file=tmp_path / "missing.pem", key_file=pki.server_key)
+    with pytest.raises(ConfigError, match="does not match"):
+        server_context(cert_file=pki.server_cert, key_file=pki.client_key)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"garbage\.pem"):
+        client_context(ca_file=garbage)
+    with pytest.raises(ConfigError, match="hostname"):
+        tls_connector(tcp_connector("127.0.0.1", 1), client_context(ca_file=pki.ca), None)
+
+
+# --- after the handshake --------------------------------------------------------------------
+
+
+async def tls_pair(pki: PKI, pair: Any) -> tuple[ChannelIO, ChannelIO, trio.abc.Stream]:
+    """Two handshaken ChannelIOs over an in-memory transport; also the client's transport."""
+    client_raw, server_raw = pair()
+    server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
+    cio = ChannelIO(
+        trio.SSLStream(client_raw, client_context(ca_file=pki.ca), server_hostname="localhost"), 0
+    )
+    sio = ChannelIO(await tls_acceptor(lambda: _ready(server_raw), server)(), 0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cio.handshake)
+        nursery.start_soon(sio.handshake)
+    return cio, sio, client_raw
+
+
+async def _ready(stream: trio.abc.Stream) -> trio.abc.Stream:
+    return stream
+
+
+async def test_corrupt_record_is_a_tls_error(pki: PKI) -> None:
+    import trio.testing
+
+    cio, sio, client_raw = await tls_pair(pki, trio.testing.memory_stream_pair)
+    await cio.send_all(b"fine")
+    assert bytes(await sio.receive_exactly(4, "the first bytes")) == b"fine"
+    # an application-data record that was not encrypted by the peer (tampering on the path)
+    await client_raw.send_all(b"\x17\x03\x03\x00\x20" + bytes(32))
+    with trio.fail_after(5), pytest.raises(TLSError) as info:
+        await sio.receive_exactly(64, "a packet header")
+    assert info.value.channel == 0
+    assert "a packet header" in str(info.value)
+    assert "bad record mac" in str(info.value)
+    await cio.aclose()
+    await sio.aclose()
+
+
+async def test_close_without_close_notify_is_channel_closed(pki: PKI) -> None:
+    """A peer that drops the connection after the handshake is a closed channel, not a TLS
+    failure; a clean TLS close is an ordinary end of stream."""
+    import trio.testing
+
+    from multifd_core.errors import ChannelClosed
+
+    cio, sio, client_raw = await tls_pair(pki, trio.testing.memory_stream_pair)
+    await client_raw.aclose()  # no close_notify
+    with trio.fail_after(5), pytest.raises(ChannelClosed) as info:
+        await sio.receive_exactly(8, "a packet header")
+    assert not isinstance(info.value, TLSError)
+    await sio.aclose()
+
+    cio, sio, _ = await tls_pair(pki, trio.testing.memory_stream_pair)
+    await cio.send_all(b"last")
+    await cio.aclose()  # close_notify
+    assert bytes(await sio.receive_exactly(4, "data")) == b"last"
+    assert not await sio.receive_into(memoryview(bytearray(8)), "next", eof_ok=True)
+    await sio.aclose()
+
+
+async def test_close_is_bounded_when_the_peer_does_not_read(pki: PKI) -> None:
+    """The close_notify cannot be delivered to a peer that stopped reading: aclose gives up
+    after a bound instead of hanging (it runs shielded from cancellation)."""
+    import trio.testing
+
+    from multifd_core.tls import CLOSE_TIMEOUT
+
+    cio, sio, _ = await tls_pair(pki, trio.testing.lockstep_stream_pair)
+    closed = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def close() -> None:
+            await cio.aclose()
+            closed.set()
+
+        nursery.start_soon(close)
+        with trio.move_on_after(CLOSE_TIMEOUT + 1):
+            await closed.wait()
+        finished_in_time = closed.is_set()
+        if not finished_in_time:  # unblock the close (shielded) so that the test can fail
+            await sio.receive_some()
+    assert finished_in_time, "closing a TLS stream waited on a peer that does not read"
+    await sio.aclose()
+
+
+# --- the command ----------------------------------------------------------------------------
+
+_script = shutil.which("multifd", path=os.path.dirname(sys.executable))
+MULTIFD = [_script] if _script else [sys.executable, "-m", "multifd_core.cli"]
+CLI_TIMEOUT = 30
+
+
+@contextmanager
+def spawn(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """Start ``multifd ARGS``; kill it by pid if it is still running when the block ends."""
+    proc = subprocess.Popen(
+        [*MULTIFD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    with proc:
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=CLI_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{proc.args!r} still running after {CLI_TIMEOUT} s")
+    return proc.returncode, out, err
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    with spawn(*args) as proc:
+        return finish(proc)
+
+
+@contextmanager
+def tls_receiver(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """``multifd recv`` on 127.0.0.1:0 into tmp_path/out; yields it and its port."""
+    ready = tmp_path / "ready"
+    with spawn(
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--output",
+        str(tmp_path / "out"),
+        "--ready-file",
+        str(ready),
+        "--timeout",
+        "20",
+        *args,
+    ) as proc:
+        deadline = time.monotonic() + CLI_TIMEOUT
+        while True:
+            try:
+                _, port = ast.literal_eval(ready.read_text())
+                break
+            except (OSError, ValueError, SyntaxError):
+                pass
+            if proc.poll() is not None:
+                pytest.fail(f"recv exited {proc.returncode} before listening: {finish(proc)[2]}")
+            if time.monotonic() > deadline:
+                pytest.fail("recv did not write its ready file")
+            time.sleep(0.01)
+        yield proc, port
+
+
+def input_files(tmp_path: Path) -> list[Path]:
+    d = tmp_path / "in"
+    d.mkdir()
+    rng = random.Random(7)
+    files = []
+    for name, size in (("a.bin", 3 << 20), ("b.bin", 10000), ("c.bin", 5 * PS)):
+        path = d / name
+        path.write_bytes(rng.randbytes(size) if name != "c.bin" else bytes(size))
+        files.append(path)
+    return files
+
+
+def one_error_line(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"multifd {command}: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_cli_send_recv_over_tls(pki: PKI, tmp_path: Path, mutual: bool) -> None:
+    files = input_files(tmp_path)
+    recv_args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    send_args = ["--tls-ca", str(pki.ca)]  # hostname: 127.0.0.1, the host connected to
+    if mutual:
+        recv_args += ["--tls-client-ca", str(pki.ca)]
+        send_args += ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+        send_args += ["--tls-hostname", "localhost"]
+    with tls_receiver(tmp_path, "--channels", "3", "--json", *recv_args) as (recv, port):
+        rc, out, err = run_cli(
+            "send",
+            "--connect",
+            f"127.0.0.1:{port}",
+            "--channels",
+            "3",
+            "--json",
+            *send_args,
+            *map(str, files),
+        )
+        assert rc == 0, err
+        assert json.loads(out)["status"] == "completed"
+        rrc, rout, rerr = finish(recv)
+    assert rrc == 0, rerr
+    assert json.loads(rout)["status"] == "completed"
+    for f in files:
+        assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_cli_wrong_ca_fails_on_both_ends(pki: PKI, tmp_path: Path) -> None:
+    files = input_files(tmp_path)
+    recv_args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    with tls_receiver(tmp_path, *recv_args) as (recv, port):
+        start = time.monotonic()
+        rc, _, err = run_cli(
+            "send", "--connect", f"127.0.0.1:{port}", "--tls-ca", str(pki.other_ca), str(files[0])
+        )
+        assert rc == 1
+        line = one_error_line(err, "send")
+        assert "TLSError" in line and "certificate verify failed" in line, line
+        rrc, _, rerr = finish(recv)
+        assert time.monotonic() - start < 15  # not by recv's 20 s timeout
+    assert rrc == 1
+    line = one_error_line(rerr, "recv")
+    assert "TLSError" in line and "unknown ca" in line, line
+    assert not list((tmp_path / "out").iterdir())  # no file, not even a .part
+
+
+def test_cli_tls_option_errors(pki: PKI, tmp_path: Path) -> None:
+    f = input_files(tmp_path)[1]
+    rc, _, err = run_cli(
+        "send", "--connect", "127.0.0.1:9", "--tls-cert", str(pki.client_cert), str(f)
+    )
+    assert rc == 1 and "--tls-cert needs --tls-key" in one_error_line(err, "send")
+    rc, _, err = run_cli(
+        "send", "--connect", "127.0.0.1:9", "--tls-key", str(pki.client_key), str(f)
+    )
+    assert rc == 1 and "--tls-key needs --tls-cert" in one_error_line(err, "send")
+    rc, _, err = run_cli(
+        "send", "--connect", "127.0.0.1:9", "--tls-ca", str(tmp_path / "nope.pem"), str(f)
+    )
+    assert rc == 1 and "nope.pem" in one_error_line(err, "send")
+    rc, _, err = run_cli("send", "--connect", "unix:/tmp/x.sock", "--tls", str(f))
+    assert rc == 1 and "--tls-hostname" in one_error_line(err, "send")
+    out = str(tmp_path / "o")
+    for args in (["--tls"], ["--tls-client-ca", str(pki.ca)], ["--tls-cert", str(pki.server_cert)]):
+        rc, _, err = run_cli("recv", "--listen", "127.0.0.1:0", "--output", out, *args)
+        assert rc == 1 and "needs --tls-cert and --tls-key" in one_error_line(err, "recv")
