@@ -165,25 +165,35 @@ class MultiFDRecvChannel:
     async def _recv_pages(self, packet: MultiFDPacket) -> None:
         block = self.state.blocks[packet.ramblock]
         if packet.normal_pages:
-            block.note_written(packet.normal_offsets)
             spans = block.spans(packet.normal_offsets)
             runs = self._targets(block, spans)
             what = f"packet {packet.packet_num} payload"
+            to_file = block.fd is not None
             if self.method.raw_payload:
                 await self.io.receive_into_views(runs, what)
+                if to_file:  # the kernel's page-cache work, off the event loop
+                    await trio.to_thread.run_sync(
+                        block.write_spans, spans, runs, limiter=self.limiter
+                    )
             else:
                 payload = memoryview(self._payload)[: packet.next_packet_size]
                 await self.io.receive_into(payload, what)
+
+                def land() -> None:
+                    self.ctx.recv_pages(payload, runs)
+                    if to_file:
+                        block.write_spans(spans, runs)
+
                 try:
                     if self.method.threaded:
-                        await trio.to_thread.run_sync(
-                            self.ctx.recv_pages, payload, runs, limiter=self.limiter
-                        )
+                        await trio.to_thread.run_sync(land, limiter=self.limiter)
                     else:
-                        self.ctx.recv_pages(payload, runs)
+                        land()
                 except ProtocolError as exc:
                     raise exc.located(channel=self.id, packet_num=packet.packet_num) from None
-            if block.fd is not None:
-                block.write_spans(spans, runs)
+            # Only now that the pages hold their data: noted before the (awaited) receive, a zero
+            # record of the main channel landing meanwhile would clear the mark under data still
+            # arriving, and later zero records for these pages would then be skipped.
+            block.note_written(packet.normal_offsets)
         for off in packet.zero_offsets:
             block.fill_page(off)
