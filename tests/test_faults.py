@@ -375,3 +375,90 @@ async def test_cancel_then_retry_to_fresh_destination(
 async def _cancel_later(scope: trio.CancelScope, delay: float) -> None:
     await trio.sleep(delay)
     scope.cancel()
+
+
+# --- the main channel closing early ------------------------------------------------------------
+
+
+async def test_main_channel_closes_early_hand_peer(no_leaks: None) -> None:
+    async def peer(port: int) -> None:
+        main, chans = await open_channels(port, 2)
+        await main.aclose()  # setup sent, then gone: no round end, no EOF
+        try:
+            await trio.sleep_forever()
+        finally:
+            for s in chans:
+                await s.aclose()
+
+    err, took = await destination_error(peer, idle_timeout=10)
+    assert isinstance(err, ChannelError) and err.channel is None, repr(err)
+    assert "closed early" in str(err) and str(err).startswith("main channel")
+    assert took < 5
+
+
+class CutAfter(trio.abc.HalfCloseableStream):
+    """A TCP stream that is closed (both ways) once ``limit`` bytes have been sent on it."""
+
+    def __init__(self, inner: trio.SocketStream, limit: int) -> None:
+        self.inner = inner
+        self.left = limit
+
+    async def send_all(self, data: Any) -> None:
+        data = bytes(data)
+        if len(data) >= self.left:
+            await self.inner.send_all(data[: self.left])
+            await self.inner.aclose()
+            raise trio.BrokenResourceError("injected: the main channel was cut")
+        self.left -= len(data)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("limit", [30, 5000])
+async def test_main_channel_cut_under_a_real_source(limit: int, no_leaks: None) -> None:
+    """The source's main channel dies after ``limit`` bytes (in the header / in the zero records
+    of the first round): both ends end with typed errors, promptly, leaving no socket."""
+    errors: dict[str, BaseException] = {}
+    async with await open_tcp_acceptor("127.0.0.1", 0) as acceptor:
+        made = 0
+
+        async def connect() -> trio.abc.Stream:
+            nonlocal made
+            made += 1
+            stream = await trio.open_tcp_stream("127.0.0.1", acceptor.port)
+            return CutAfter(stream, limit) if made == 1 else stream
+
+        start = trio.current_time()
+        with trio.fail_after(BOUND):
+            async with trio.open_nursery() as nursery:
+
+                async def destination() -> None:
+                    try:
+                        async with open_destination(acceptor, idle_timeout=3) as dst:
+                            await dst.wait()
+                    except MultiFDError as exc:
+                        errors["dst"] = exc
+
+                nursery.start_soon(destination)
+                try:
+                    async with open_source(image_blocks(8 << 20), connect, idle_timeout=3) as src:
+                        await src.complete()
+                except MultiFDError as exc:
+                    errors["src"] = exc
+        took = trio.current_time() - start
+    assert isinstance(errors.get("src"), ChannelError) and errors["src"].channel is None, errors
+    dst = errors.get("dst")
+    assert isinstance(dst, ChannelError) and dst.channel is None, errors
+    assert "closed early: main stream truncated" in str(dst)
+    assert took < 2.5  # found from the closed socket, not by the 3 s idle timeout
