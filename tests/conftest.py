@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -15,9 +15,10 @@ def open_fds() -> set[str]:
 
 
 @pytest.fixture
-def no_leaks() -> Iterator[None]:
+async def no_leaks() -> AsyncIterator[None]:
     """Fail the test if it leaves file descriptors (sockets) or trio tasks behind."""
     before = open_fds()
+    tasks_before = set(trio_tasks())
     yield
     gc.collect()
     leaked = open_fds() - before
@@ -27,16 +28,18 @@ def no_leaks() -> Iterator[None]:
         if os.path.exists(f"/proc/self/fd/{fd}")
     }
     assert not details, f"leaked file descriptors: {details}"
+    # every task started during the test must have ended with it
+    left = [t.name for t in trio_tasks() if t not in tasks_before]
+    assert not left, f"trio tasks left running: {left}"
 
 
-def trio_task_count() -> int:
-    """Tasks alive in the current trio run (for leak checks inside a test)."""
-    root = trio.lowlevel.current_root_task()
-    count = 0
-    stack = [root]
+def trio_tasks() -> list[trio.lowlevel.Task]:
+    """Every task alive in the current trio run."""
+    stack = [trio.lowlevel.current_root_task()]
+    tasks = []
     while stack:
         task = stack.pop()
-        count += 1
+        tasks.append(task)
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
-    return count
+    return tasks
