@@ -30,7 +30,9 @@ _libc.mmap.argtypes = [
     ctypes.c_long,
 ]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_MADV_DONTNEED = 4
 
 
 class _ReadOnlyMapping:
@@ -77,6 +79,15 @@ class FileBlock(RAMBlock):
     def close(self) -> None:
         self.host.release()
         self._mapping.close()
+
+    def release(self, start: int, end: int) -> None:
+        """Drop the sent pages from this process (MADV_DONTNEED): the mapping is private and
+        never written, so reading them again only faults them back in from the page cache.
+        The sender's memory stays a few windows, whatever the file size."""
+        addr = self._mapping.addr
+        if addr is not None and end > start:
+            start -= start % mmap.PAGESIZE
+            _libc.madvise(addr + start, min(end, self._mapping.length) - start, _MADV_DONTNEED)
 
 
 def block_name_for(path: str | os.PathLike[str]) -> str:

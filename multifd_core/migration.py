@@ -295,10 +295,11 @@ class Source:
             ps = block.page_size
             # no per-page Python: a worker thread classifies the next window of dirty pages
             # (numpy) while this one's zero records are written and its packets sent
-            windows_send, windows = trio.open_memory_channel[tuple[Any, Any]](scan.AHEAD)
+            windows_send, windows = trio.open_memory_channel[scan.Window](scan.AHEAD)
+            done: tuple[int, int] | None = None
             async with trio.open_nursery() as scanning, windows:
                 scanning.start_soon(scan.produce_windows, block, bitmap, windows_send)
-                async for normal, zero in windows:
+                async for start, stop, normal, zero in windows:
                     if len(zero):
                         w.zero_pages(block.name, zero * ps)
                         stats.zero_pages += len(zero)
@@ -307,6 +308,11 @@ class Source:
                     sent += len(zero) + len(normal)
                     await state.queue_pages((normal * ps).tolist())
                     self._progress(sent)
+                    if done is not None:  # the window before is on its way: let it go
+                        block.release(done[0] * ps, done[1] * ps)
+                    done = (start, stop)
+            if done is not None:
+                block.release(done[0] * ps, done[1] * ps)
         await state.send_sync_main()
         w.eos()
         if last and self.device_state is None:

@@ -220,6 +220,10 @@ class RAMBlock:
             while done < end - start:
                 done += os.pwrite(fd, view[done:], start + done)
 
+    def release(self, start: int, end: int) -> None:
+        """The source has handed the pages of ``[start, end)`` to the channels: a block that can
+        drop them from memory and read them again later (a file mapping) may do so."""
+
     # --- dirty tracking (the app marks, migration collects) --------------------------------
 
     def mark_dirty(self, offset: int, length: int = 1) -> None:

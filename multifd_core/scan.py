@@ -23,6 +23,8 @@ WINDOW = 16384
 AHEAD = 1
 
 Indexes = np.ndarray[Any, np.dtype[np.int64]]
+#: One window's result: its first and end page, then the normal and the zero dirty pages in it.
+Window = tuple[int, int, Indexes, Indexes]
 
 
 def page_words(block: RAMBlock) -> np.ndarray[Any, np.dtype[np.uint64]]:
@@ -55,10 +57,10 @@ def classify(
 async def produce_windows(
     block: RAMBlock,
     bitmap: bytearray,
-    send: trio.MemorySendChannel[tuple[Indexes, Indexes]],
+    send: trio.MemorySendChannel[Window],
     window: int = WINDOW,
 ) -> None:
-    """Send (normal, zero) page indexes of ``block``'s dirty pages on ``send``, window by window,
+    """Send (start, stop, normal, zero) for ``block``'s dirty pages on ``send``, window by window,
     in order, then close it. Run it as a task beside the consumer: with a channel buffer of
     ``AHEAD``, it classifies the next window in a worker thread while the consumer sends the
     current one. ``bitmap`` must not change meanwhile (the round's, from ``sync_dirty_bitmap``).
@@ -69,8 +71,8 @@ async def produce_windows(
             stop = min(start + window, block.npages)
             if bitmap.find(1, start, stop) < 0:
                 continue  # nothing dirty here: not worth a thread
-            result = await trio.to_thread.run_sync(classify, words, bitmap, start, stop)
-            await send.send(result)
+            normal, zero = await trio.to_thread.run_sync(classify, words, bitmap, start, stop)
+            await send.send((start, stop, normal, zero))
 
 
-__all__ = ["AHEAD", "WINDOW", "classify", "nonzero_rows", "page_words", "produce_windows"]
+__all__ = ["AHEAD", "WINDOW", "Window", "classify", "nonzero_rows", "page_words", "produce_windows"]

@@ -110,7 +110,7 @@ async def test_produce_windows_in_order() -> None:
     got: list[int] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(produce_windows, b, bitmap, send, 7)
-        async for normal, zero in recv:
+        async for _start, _stop, normal, zero in recv:
             got += sorted(normal.tolist() + zero.tolist())
     assert got == [off // PS for off in iter_dirty(bitmap, PS)]
 
@@ -161,3 +161,30 @@ def test_write_spans_through_the_file(tmp_path) -> None:
         b.close()
     assert b.fd is None
     assert (tmp_path / "ram.img").read_bytes()[4 * PS : 5 * PS] == b"\2" * PS
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Rss:"))
+
+
+def test_file_block_release_drops_pages_and_keeps_data(tmp_path) -> None:
+    import hashlib
+    import os as _os
+
+    from multifd_core.files import FileBlock
+
+    path = tmp_path / "f.img"
+    data = _os.urandom(32 << 20)
+    path.write_bytes(data)
+    b = FileBlock("f.img", path)
+    try:
+        assert hashlib.sha256(b.host).digest() == hashlib.sha256(data).digest()  # all resident
+        before = _rss_kib()
+        b.release(4 << 20, 28 << 20)
+        dropped = before - _rss_kib()
+        assert dropped >= 0.9 * (24 << 10), f"only {dropped} KiB left the process"
+        # the pages read back from the page cache, unchanged
+        assert b.host.tobytes() == data
+    finally:
+        b.close()
