@@ -31,7 +31,7 @@ from multifd_core.migration import open_destination
 from multifd_core.wire import MULTIFD_FLAG_SYNC, MultiFDInit, MultiFDPacket
 
 #: Mutated cases per CI run (deterministic: run seed 2024, cases 0..N-1).
-CI_CASES = 900
+CI_CASES = 2000
 #: Memory traced in one case of this many (tracemalloc makes a case ~4x slower).
 CI_TRACE_EVERY = 8
 #: Fewer, larger reads than the long run's 400 a connection: CI time.
