@@ -23,6 +23,13 @@ ZERO_PAGE_CACHE: dict[int, bytes] = {}
 FILL_CHUNK = 1024
 
 
+def nonzero_rows(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    """For each page (a row of 64-bit words): does it hold a non-zero byte? (an OR reduction)"""
+    if not len(rows):
+        return np.zeros(0, dtype=bool)
+    return np.bitwise_or.reduce(rows, axis=1) != 0
+
+
 def zero_page(page_size: int) -> bytes:
     page = ZERO_PAGE_CACHE.get(page_size)
     if page is None:
@@ -155,6 +162,10 @@ class RAMBlock:
             if written is not None:
                 written[offset // ps] = 1
 
+    def page_words(self) -> np.ndarray[Any, np.dtype[np.uint64]]:
+        """The memory as one row of 64-bit words per page (a view, no copy)."""
+        return np.frombuffer(self.host, dtype=np.uint64).reshape(self.npages, self.page_size // 8)
+
     def fill_pages(self, offsets: np.ndarray[Any, Any], fills: np.ndarray[Any, Any]) -> None:
         """``fill_page`` for many pages at once (``offsets`` valid page offsets of this block):
         the zero pages are tested and written in C, a chunk of pages at a time."""
@@ -173,11 +184,10 @@ class RAMBlock:
             for off in (dirty * ps).tolist():
                 self.host[off : off + ps] = zero_page(ps)
             return
-        words = np.frombuffer(self.host, dtype=np.uint64).reshape(self.npages, ps // 8)
+        words = self.page_words()
         for i in range(0, len(idx), FILL_CHUNK):  # test a copy of at most FILL_CHUNK pages
             chunk = idx[i : i + FILL_CHUNK]
-            nonzero = chunk[np.bitwise_or.reduce(words[chunk], axis=1) != 0]
-            words[nonzero] = 0
+            words[chunk[nonzero_rows(words[chunk])]] = 0
 
     def note_written(self, offsets: Sequence[int]) -> None:
         """Record that the pages at ``offsets`` were written (see ``known_zero``)."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from .ram import RAMBlock
+from .ram import RAMBlock, nonzero_rows
 
 #: Pages classified per window: 64 MiB of 4 KiB pages. A partly dirty window copies only its
 #: dirty pages (at most the window) to test them.
@@ -25,18 +25,6 @@ AHEAD = 1
 Indexes = np.ndarray[Any, np.dtype[np.int64]]
 #: One window's result: its first and end page, then the normal and the zero dirty pages in it.
 Window = tuple[int, int, Indexes, Indexes]
-
-
-def page_words(block: RAMBlock) -> np.ndarray[Any, np.dtype[np.uint64]]:
-    """The block's memory as one row of 64-bit words per page (a view, no copy)."""
-    return np.frombuffer(block.host, dtype=np.uint64).reshape(block.npages, block.page_size // 8)
-
-
-def nonzero_rows(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.bool_]]:
-    """For each page (row of words): does it hold a non-zero byte?"""
-    if not len(rows):
-        return np.zeros(0, dtype=bool)
-    return np.bitwise_or.reduce(rows, axis=1) != 0
 
 
 def classify(
@@ -65,7 +53,7 @@ async def produce_windows(
     ``AHEAD``, it classifies the next window in a worker thread while the consumer sends the
     current one. ``bitmap`` must not change meanwhile (the round's, from ``sync_dirty_bitmap``).
     """
-    words = page_words(block)
+    words = block.page_words()
     async with send:
         for start in range(0, block.npages, window):
             stop = min(start + window, block.npages)
@@ -75,4 +63,4 @@ async def produce_windows(
             await send.send((start, stop, normal, zero))
 
 
-__all__ = ["AHEAD", "WINDOW", "Window", "classify", "nonzero_rows", "page_words", "produce_windows"]
+__all__ = ["AHEAD", "WINDOW", "Window", "classify", "produce_windows"]

@@ -84,10 +84,10 @@ def _dirty_image_block(backing: str, npages: int = 300) -> tuple[RAMBlock, bytea
 @pytest.mark.parametrize("backing", ["bytearray", "mmap"])
 @pytest.mark.parametrize("window", [16, 64, 1000])
 def test_classify_agrees_with_is_zero_page(backing: str, window: int) -> None:
-    from multifd_core.scan import classify, page_words
+    from multifd_core.scan import classify
 
     b, bitmap = _dirty_image_block(backing)
-    words = page_words(b)
+    words = b.page_words()
     normal: list[int] = []
     zero: list[int] = []
     for start in range(0, b.npages, window):  # partly dirty and fully dirty windows
