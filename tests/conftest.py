@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
 import trio
+
+# test helper modules (fault_streams, qemu_harness, ...) import by name from here
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def open_fds() -> set[str]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import trio
 import trio.testing
+from fault_streams import DyingStream
 
 from multifd_core import (
     MemoryNetwork,
@@ -209,35 +210,6 @@ async def test_cancel_source_mid_migration_ends_both_sides(no_leaks: None) -> No
                 assert cancel.cancelled_caught
                 assert src.stats.status == "cancelled"
     assert isinstance(errors["dst"], ChannelClosed), errors
-
-
-class DyingStream(trio.abc.HalfCloseableStream):
-    """Closes the connection after ``limit`` bytes have been sent (mid-packet)."""
-
-    def __init__(self, inner: trio.abc.HalfCloseableStream, limit: int) -> None:
-        self.inner = inner
-        self.left = limit
-
-    async def send_all(self, data) -> None:  # type: ignore[override]
-        data = bytes(data)
-        if len(data) >= self.left:
-            await self.inner.send_all(data[: self.left])
-            await self.inner.aclose()
-            raise trio.BrokenResourceError("injected: connection died")
-        self.left -= len(data)
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def receive_some(self, max_bytes=None):  # type: ignore[override]
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @pytest.mark.parametrize("transport", ["memory", "tcp"])

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from fault_streams import DyingStream  # (tests/ is on sys.path: conftest)
 
 from multifd_core import RAMBlock, open_tcp_acceptor, tcp_connector
 from multifd_core.errors import (
@@ -396,35 +397,6 @@ async def test_main_channel_closes_early_hand_peer(no_leaks: None) -> None:
     assert took < 5
 
 
-class CutAfter(trio.abc.HalfCloseableStream):
-    """A TCP stream that is closed (both ways) once ``limit`` bytes have been sent on it."""
-
-    def __init__(self, inner: trio.SocketStream, limit: int) -> None:
-        self.inner = inner
-        self.left = limit
-
-    async def send_all(self, data: Any) -> None:
-        data = bytes(data)
-        if len(data) >= self.left:
-            await self.inner.send_all(data[: self.left])
-            await self.inner.aclose()
-            raise trio.BrokenResourceError("injected: the main channel was cut")
-        self.left -= len(data)
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 @pytest.mark.parametrize("limit", [30, 5000])
 async def test_main_channel_cut_under_a_real_source(limit: int, no_leaks: None) -> None:
     """The source's main channel dies after ``limit`` bytes (in the header / in the zero records
@@ -437,7 +409,7 @@ async def test_main_channel_cut_under_a_real_source(limit: int, no_leaks: None) 
             nonlocal made
             made += 1
             stream = await trio.open_tcp_stream("127.0.0.1", acceptor.port)
-            return CutAfter(stream, limit) if made == 1 else stream
+            return DyingStream(stream, limit) if made == 1 else stream
 
         start = trio.current_time()
         with trio.fail_after(BOUND):

@@ -1,0 +1,34 @@
+"""Streams that inject faults, shared by the fault tests."""
+
+from __future__ import annotations
+
+import trio
+
+
+class DyingStream(trio.abc.HalfCloseableStream):
+    """Closes the connection (both ways) once ``limit`` bytes have been sent on it."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream, limit: int) -> None:
+        self.inner = inner
+        self.left = limit
+
+    async def send_all(self, data) -> None:  # type: ignore[override]
+        data = bytes(data)
+        if len(data) >= self.left:
+            await self.inner.send_all(data[: self.left])
+            await self.inner.aclose()
+            raise trio.BrokenResourceError("injected: connection died")
+        self.left -= len(data)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def receive_some(self, max_bytes=None):  # type: ignore[override]
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
