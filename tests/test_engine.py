@@ -114,6 +114,51 @@ async def test_destination_blocks_given() -> None:
     assert bytes(target[0].memory) == bytes(blocks[0].memory)  # zero pages were zeroed too
 
 
+@pytest.mark.parametrize("limit", [None, 0.0])
+async def test_file_blocks_written_inline_until_a_write_is_slow(
+    tmp_path, monkeypatch, limit: float | None
+) -> None:
+    """Pages bound for a file are written on the event loop while writes are quick; once one
+    write takes longer than INLINE_WRITE_LIMIT (0 here: every write), the channel's later
+    writes go to a worker thread. Either way every page lands, over 3 rounds."""
+    import threading
+
+    from multifd_core import recv
+
+    if limit is not None:
+        monkeypatch.setattr(recv, "INLINE_WRITE_LIMIT", limit)
+    writers: list[bool] = []  # True: written on the trio thread
+    real = RAMBlock.write_spans
+
+    def spy(self: RAMBlock, spans, views) -> None:
+        writers.append(threading.current_thread() is threading.main_thread())
+        real(self, spans, views)
+
+    monkeypatch.setattr(RAMBlock, "write_spans", spy)
+    blocks = make_blocks({"ram": 4 << 20}, 4096)
+    target = RAMBlock.from_file("ram", tmp_path / "ram.img", 4 << 20, create=True)
+    try:
+        net = MemoryNetwork()
+        res = await run_migration(
+            blocks,
+            net.connect,
+            net.accept,
+            channels=2,
+            rounds=3,
+            dirty_per_round=50,
+            dest_blocks=[target],
+        )
+        assert res["blocks"]["ram"] is target
+    finally:
+        target.close()
+    assert (tmp_path / "ram.img").read_bytes() == bytes(blocks[0].memory)
+    assert len(writers) > 2
+    if limit is None:
+        assert all(writers)
+    else:  # each channel's first write is inline, then its writes move off the loop
+        assert writers.count(True) <= 2
+
+
 class SlowStream(trio.abc.HalfCloseableStream):
     """A stream whose reads are delayed (an uneven, slow channel)."""
 
