@@ -21,11 +21,13 @@ from .stats import ChannelStats, MigrationStats
 from .transport import ChannelIO
 from .wire import MultiFDPacket, PacketRules, decode_packet
 
-#: A page write into a file slower than this (seconds) moves the channel's later writes off the
-#: event loop. Into the page cache, a packet's pwrite takes ~0.1-0.3 ms, less than handing it to
-#: a worker thread and back (that hop cost ~30 % of a nocomp migration's time, measured); a
-#: file system that throttles (dirty-page limits, a slow disk) takes far longer.
+#: INLINE_SLOW_WRITES writes in a row slower than INLINE_WRITE_LIMIT (seconds) move a channel's
+#: later page writes off the event loop. Into the page cache, a packet's pwrite takes ~0.1-0.3 ms,
+#: less than handing it to a worker thread and back (that hop cost ~30 % of a nocomp migration's
+#: time, measured); a file system that throttles (dirty-page limits, a slow disk) takes far
+#: longer. One slow write alone may be the process being descheduled, so it takes a few.
 INLINE_WRITE_LIMIT = 0.005
+INLINE_SLOW_WRITES = 3
 
 
 class Report(enum.Enum):
@@ -105,6 +107,7 @@ class MultiFDRecvChannel:
         )
         self._bounce: bytearray | None = None  # pages bound for a file block (see _targets)
         self.inline_writes = True  # see write_file
+        self._slow_writes = 0  # slow inline writes in a row
 
     async def multifd_recv_thread(self) -> None:
         try:
@@ -174,13 +177,17 @@ class MultiFDRecvChannel:
         self, block: RAMBlock, spans: list[tuple[int, int]], views: list[memoryview]
     ) -> None:
         """Write a packet's pages (in ``views``) into the block's file: right here while the
-        page cache takes them quickly, in a worker thread from the first write that took longer
-        than INLINE_WRITE_LIMIT on (the file system throttles; the event loop must not wait)."""
+        page cache takes them quickly, in a worker thread once INLINE_SLOW_WRITES writes in a row
+        took longer than INLINE_WRITE_LIMIT (the file system throttles; the event loop must not
+        wait on it)."""
         if self.inline_writes:
             t0 = time.perf_counter()
             block.write_spans(spans, views)
-            if time.perf_counter() - t0 > INLINE_WRITE_LIMIT:
-                self.inline_writes = False
+            if time.perf_counter() - t0 <= INLINE_WRITE_LIMIT:
+                self._slow_writes = 0
+            else:
+                self._slow_writes += 1
+                self.inline_writes = self._slow_writes < INLINE_SLOW_WRITES
         else:
             await trio.to_thread.run_sync(block.write_spans, spans, views, limiter=self.limiter)
 
