@@ -277,6 +277,13 @@ class Source:
         stats.dirty_pages_remaining -= sent - stats.pages_this_round
         stats.pages_this_round = sent
 
+    @staticmethod
+    def _release(nursery: trio.Nursery, block: RAMBlock, pages: tuple[int, int]) -> None:
+        """Let ``block`` drop a window of sent pages, in a worker thread: unmapping 64 MiB
+        costs ~6 ms (a file mapping), which the event loop would spend instead of sending."""
+        ps = block.page_size
+        nursery.start_soon(trio.to_thread.run_sync, block.release, pages[0] * ps, pages[1] * ps)
+
     async def _send_dirty(self, last: bool) -> int:
         state = self.state
         assert state is not None
@@ -309,10 +316,10 @@ class Source:
                     await state.queue_pages((normal * ps).tolist())
                     self._progress(sent)
                     if done is not None:  # the window before is on its way: let it go
-                        block.release(done[0] * ps, done[1] * ps)
+                        self._release(scanning, block, done)
                     done = (start, stop)
-            if done is not None:
-                block.release(done[0] * ps, done[1] * ps)
+                if done is not None:
+                    self._release(scanning, block, done)
         await state.send_sync_main()
         w.eos()
         if last and self.device_state is None:
