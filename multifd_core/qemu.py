@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import uuid as _uuid
 from dataclasses import dataclass
@@ -41,13 +40,20 @@ class SnapshotError(MultiFDError):
     """A snapshot directory that is missing files, or whose files do not match the manifest."""
 
 
+#: Bytes read per step by ``sha256_file``.
+HASH_CHUNK = 1 << 20
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The file's sha256, read a chunk at a time into one buffer. Not through a mapping: a
+    read fault on a hole of a tmpfs file allocates a zeroed page, so hashing a sparse 1 GiB
+    snapshot that way cost 1 GiB of memory and ~0.7 s of page clearing (measured)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size:
-            with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
-                h.update(m)
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 

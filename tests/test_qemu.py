@@ -11,6 +11,7 @@ wait is bounded; ``tests/qemu_harness.py`` has the machinery.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -138,6 +139,27 @@ def test_pattern_has_every_kind_of_page() -> None:
     assert any(p[8:16] == p[:8] and p[:8] * 512 == p for p in nonzero)  # repeated 8 bytes
     assert any(b"Lorem ipsum" in p for p in nonzero)  # text
     assert any(len(set(p)) > 200 for p in nonzero)  # random
+
+
+def test_manifest_hash_of_a_sparse_snapshot_allocates_nothing() -> None:
+    """sha256_file reads: through a mapping, every hole of a tmpfs file (a snapshot's zero
+    pages) would be allocated as a zeroed page just to be hashed."""
+    from multifd_core.qemu import HASH_CHUNK, sha256_file
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm (tmpfs)")
+    path = shm / f"multifd-test-{os.getpid()}.img"
+    try:
+        with open(path, "wb") as f:
+            f.truncate(3 * HASH_CHUNK + 8192)  # holes, and a size not a multiple of the chunk
+            f.seek(HASH_CHUNK - 100)
+            f.write(b"data across a chunk boundary" * 10)
+        blocks = os.stat(path).st_blocks
+        assert sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert os.stat(path).st_blocks == blocks
+    finally:
+        path.unlink(missing_ok=True)
 
 
 # --- 1. capture -----------------------------------------------------------------------------
