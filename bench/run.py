@@ -718,6 +718,15 @@ def comparisons(summary: dict[str, Any], cfg: Config) -> list[dict[str, Any]]:
                 f"{lib:.3f} / {single:.3f} GB/s  (with process start and exit: "
                 f"{p['nonzero_GBps']:.3f} GB/s, {p['nonzero_GBps'] / single:.2f}x)"
             )
+            if c.get("decompress_MBps"):
+                # both ends on this machine's cores: every byte is compressed and decompressed
+                # on them, so even with no other work the pair moves at most this fast
+                cores = os.cpu_count() or 1
+                bound = cores / (1 / c["compress_MBps"] + 1 / c["decompress_MBps"]) / 1000
+                detail += (
+                    f"  [{cores} cores shared by both ends: codec work alone bounds it at "
+                    f"{bound:.3f} GB/s = {bound / single:.2f}x; reached {lib / bound:.0%} of that]"
+                )
             if n < 2:
                 detail += "  [1 channel: shown for reference, not a target]"
             add("c", what, r, (r >= 1.7) if n >= 2 else None, detail)

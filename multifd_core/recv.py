@@ -198,10 +198,13 @@ class MultiFDRecvChannel:
             runs = self._targets(block, spans)
             what = f"packet {packet.packet_num} payload"
             to_file = block.fd is not None
-            if self.method.raw_payload:
+            if self.method.raw_payload and to_file:  # the runs lie end to end in the bounce
+                assert self._bounce is not None
+                size = packet.normal_pages * block.page_size
+                await self.io.receive_into(memoryview(self._bounce)[:size], what)
+                await self.write_file(block, spans, runs)
+            elif self.method.raw_payload:
                 await self.io.receive_into_views(runs, what)
-                if to_file:
-                    await self.write_file(block, spans, runs)
             else:
                 payload = memoryview(self._payload)[: packet.next_packet_size]
                 await self.io.receive_into(payload, what)
