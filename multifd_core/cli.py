@@ -27,6 +27,7 @@ from .files import (
     safe_output_path,
 )
 from .image import dirty_some_pages, vm_like_image
+from .malloc import tune_malloc
 from .methods import load_methods
 from .migration import library_errors, open_destination, open_source
 from .ram import RAMBlock
@@ -619,6 +620,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "qemu-save": cmd_qemu_save,
                 "qemu-restore": cmd_qemu_restore,
             }[args.command]
+            tune_malloc()
             with library_errors():  # demo runs both ends in one nursery: unwrap its group
                 out = trio.run(handler, args)
     except MultiFDError as exc:

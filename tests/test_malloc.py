@@ -1,0 +1,54 @@
+"""tune_malloc: packet-sized buffers stop faulting their pages in again for every packet."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from multifd_core.malloc import tune_malloc
+
+# A 64 MiB VM-like lz4 migration, both ends in one process: the minor page faults it costs.
+MIGRATION = """
+import resource, sys, trio
+from multifd_core.malloc import tune_malloc
+if sys.argv[1] == "tuned":
+    assert tune_malloc()
+from multifd_core import MemoryNetwork, RAMBlock
+from multifd_core.image import vm_like_image
+from multifd_core.migration import open_destination, open_source
+
+async def main():
+    block = RAMBlock("ram", vm_like_image(64 << 20, 4096, 1))
+    target = RAMBlock("ram", bytearray(64 << 20))
+    target.memory[:] = block.memory  # every destination page touched before
+    net = MemoryNetwork()
+    async with trio.open_nursery() as n:
+        async def dst():
+            async with open_destination(net.accept, channels=2, method="lz4", blocks=[target]) as d:
+                await d.wait()
+        n.start_soon(dst)
+        async with open_source([block], net.connect, channels=2, method="lz4") as s:
+            t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            await s.complete()
+            print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - t0)
+trio.run(main)
+"""
+
+
+def faults(mode: str) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", MIGRATION, mode], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+def test_tuned_allocator_stops_refaulting_packet_buffers() -> None:
+    plain, tuned = faults("plain"), faults("tuned")
+    # measured ~18,000-21,000 faults plain, ~3,000 tuned
+    assert tuned < 0.7 * plain, (plain, tuned)
+
+
+def test_a_user_allocator_setting_is_left_alone(monkeypatch) -> None:
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert tune_malloc() is False
