@@ -9,6 +9,7 @@ tail needs no copy. The exact sizes travel in the main stream's JSON description
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import mmap
 import os
@@ -33,6 +34,9 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MADV_DONTNEED = 4
+
+#: Data extents FileBlock.data_extents lists per window at most (two lseek calls each).
+MAX_EXTENTS = 256
 
 
 class _ReadOnlyMapping:
@@ -70,8 +74,10 @@ class FileBlock(RAMBlock):
                     f"page size {page_size}"
                 )
             self._mapping = _ReadOnlyMapping(fd, length)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._fd: int | None = fd  # kept for SEEK_DATA (data_extents); not RAMBlock.fd
         view = memoryview(self._mapping.array).cast("B").toreadonly()
         super().__init__(name, view, page_size)
         self.memory = self._mapping
@@ -79,6 +85,37 @@ class FileBlock(RAMBlock):
     def close(self) -> None:
         self.host.release()
         self._mapping.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def data_extents(self, start: int, stop: int) -> list[tuple[int, int]] | None:
+        """The file's data extents in pages ``[start, stop)`` (SEEK_DATA / SEEK_HOLE), rounded
+        out to whole pages: the pages of a hole are zero and are never read. Reading them
+        through the mapping would cost a page fault each, and on tmpfs allocate every one of
+        them in the file (a sparse snapshot would grow to its full size). None where the file
+        system cannot tell, or past MAX_EXTENTS extents (finely fragmented: cheaper to read)."""
+        fd = self._fd
+        if fd is None:
+            return None
+        ps = self.page_size
+        pos, end = start * ps, min(stop * ps, self.file_size)
+        extents: list[tuple[int, int]] = []
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data from pos to the end of the file
+                    break
+                return None  # EINVAL: SEEK_DATA not supported here
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            if len(extents) == MAX_EXTENTS:
+                return None
+            extents.append((max(data // ps, start), min(-(-hole // ps), stop)))
+            pos = hole
+        return extents
 
     def release(self, start: int, end: int) -> None:
         """Drop the sent pages from this process (MADV_DONTNEED): the mapping is private and

@@ -162,6 +162,11 @@ class RAMBlock:
             if written is not None:
                 written[offset // ps] = 1
 
+    def data_extents(self, start: int, stop: int) -> list[tuple[int, int]] | None:
+        """The page ranges of ``[start, stop)`` (page indexes) that may hold data, in order;
+        every other page there is zero without reading it. None: any page may (memory)."""
+        return None
+
     def page_words(self) -> np.ndarray[Any, np.dtype[np.uint64]]:
         """The memory as one row of 64-bit words per page (a view, no copy)."""
         return np.frombuffer(self.host, dtype=np.uint64).reshape(self.npages, self.page_size // 8)

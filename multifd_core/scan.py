@@ -28,18 +28,47 @@ Window = tuple[int, int, Indexes, Indexes]
 
 
 def classify(
-    words: np.ndarray[Any, np.dtype[np.uint64]], bitmap: bytearray, start: int, stop: int
+    words: np.ndarray[Any, np.dtype[np.uint64]],
+    bitmap: bytearray,
+    start: int,
+    stop: int,
+    extents: list[tuple[int, int]] | None = None,
 ) -> tuple[Indexes, Indexes]:
-    """The dirty pages of ``[start, stop)`` as (normal page indexes, zero page indexes)."""
+    """The dirty pages of ``[start, stop)`` as (normal page indexes, zero page indexes).
+
+    ``extents`` (RAMBlock.data_extents): the page ranges that may hold data; the pages outside
+    them are zero and are not read. None: every page is read."""
     dirty = np.flatnonzero(np.frombuffer(bitmap, dtype=np.uint8, count=stop - start, offset=start))
     if not len(dirty):
         return dirty, dirty
-    if len(dirty) == stop - start:
+    if extents is not None and len(dirty) == stop - start:
+        nz = np.zeros(stop - start, dtype=bool)
+        for a, b in extents:  # views of the data, no copy
+            nz[a - start : b - start] = nonzero_rows(words[a:b])
+    elif extents is not None:
+        maybe = np.zeros(stop - start, dtype=bool)
+        for a, b in extents:
+            maybe[a - start : b - start] = True
+        read = maybe[dirty]
+        nz = np.zeros(len(dirty), dtype=bool)
+        nz[read] = nonzero_rows(words[dirty[read] + start])  # a copy of those pages only
+    elif len(dirty) == stop - start:
         nz = nonzero_rows(words[start:stop])  # all dirty: a view of the window, no copy
     else:
         nz = nonzero_rows(words[dirty + start])  # a copy of the dirty pages only
     dirty += start
     return dirty[nz], dirty[~nz]
+
+
+def classify_block(
+    block: RAMBlock,
+    words: np.ndarray[Any, np.dtype[np.uint64]],
+    bitmap: bytearray,
+    start: int,
+    stop: int,
+) -> tuple[Indexes, Indexes]:
+    """``classify`` a window of ``block``, skipping the pages its file has no data for."""
+    return classify(words, bitmap, start, stop, block.data_extents(start, stop))
 
 
 async def produce_windows(
@@ -59,8 +88,10 @@ async def produce_windows(
             stop = min(start + window, block.npages)
             if bitmap.find(1, start, stop) < 0:
                 continue  # nothing dirty here: not worth a thread
-            normal, zero = await trio.to_thread.run_sync(classify, words, bitmap, start, stop)
+            normal, zero = await trio.to_thread.run_sync(
+                classify_block, block, words, bitmap, start, stop
+            )
             await send.send((start, stop, normal, zero))
 
 
-__all__ = ["AHEAD", "WINDOW", "Window", "classify", "produce_windows"]
+__all__ = ["AHEAD", "WINDOW", "Window", "classify", "classify_block", "produce_windows"]

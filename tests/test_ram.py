@@ -188,3 +188,87 @@ def test_file_block_release_drops_pages_and_keeps_data(tmp_path) -> None:
         assert b.host.tobytes() == data
     finally:
         b.close()
+
+
+def _sparse_file(path, npages: int, data_pages: list[int], seed: int = 3):
+    """A file of ``npages`` pages, holes except ``data_pages`` (each non-zero but for one zero
+    page written explicitly, which is data yet zero)."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(npages * PS)
+        for i, page in enumerate(data_pages):
+            f.seek(page * PS)
+            f.write(bytes(PS) if i == 1 else rng.randbytes(PS))
+    return path
+
+
+@pytest.mark.parametrize("where", ["tmp", "shm"])
+@pytest.mark.parametrize("partly_dirty", [False, True])
+def test_file_holes_are_zero_pages_never_read(tmp_path, where: str, partly_dirty: bool) -> None:
+    """A sparse source file: its holes classify as zero pages from SEEK_DATA alone, the data
+    pages as read; on tmpfs, where reading a hole through a mapping allocates it, the file
+    keeps its size on disk (st_blocks)."""
+    import os as _os
+    from pathlib import Path
+
+    from multifd_core.files import FileBlock
+    from multifd_core.scan import classify_block
+
+    base = tmp_path if where == "tmp" else Path("/dev/shm")
+    if not base.is_dir():
+        pytest.skip("no /dev/shm (tmpfs)")
+    npages = 4096
+    data_pages = [3, 4, 5, 700, 701, 2048, 4095]
+    path = _sparse_file(base / f"sparse-{_os.getpid()}.img", npages, data_pages)
+    try:
+        blocks_before = _os.stat(path).st_blocks
+        b = FileBlock("f", path)
+        try:
+            extents = b.data_extents(0, npages)
+            if extents is None:
+                pytest.skip("this file system cannot list data extents")
+            covered = {p for a, z in extents for p in range(a, z)}
+            assert set(data_pages) <= covered and len(covered) < 64  # holes are not data
+            bitmap = bytearray(b"\x01" * npages)
+            if partly_dirty:
+                bitmap = bytearray(npages)
+                for p in [0, 3, 4, 701, 1000, 2048, 4095]:
+                    bitmap[p] = 1
+            normal: list[int] = []
+            zero: list[int] = []
+            for start in range(0, npages, 1000):  # windows cut inside extents and holes
+                n, z = classify_block(b, b.page_words(), bitmap, start, min(start + 1000, npages))
+                normal += n.tolist()
+                zero += z.tolist()
+            dirty = [p for p in range(npages) if bitmap[p]]
+            want_normal = [p for p in dirty if p in data_pages and p != data_pages[1]]
+            assert normal == want_normal
+            assert zero == [p for p in dirty if p not in want_normal]
+        finally:
+            b.close()
+        assert _os.stat(path).st_blocks == blocks_before
+    finally:
+        path.unlink()
+
+
+def test_finely_fragmented_file_is_read_instead(tmp_path, monkeypatch) -> None:
+    """Past MAX_EXTENTS extents in a window, data_extents gives up (None) and every page is
+    read; the classification stays right."""
+    from multifd_core import files
+    from multifd_core.scan import classify_block
+
+    monkeypatch.setattr(files, "MAX_EXTENTS", 4)
+    data_pages = list(range(0, 40, 2))  # 20 one-page extents
+    path = _sparse_file(tmp_path / "frag.img", 64, data_pages)
+    b = files.FileBlock("f", path)
+    try:
+        if b.data_extents(0, 4) is None:
+            pytest.skip("this file system cannot list data extents")
+        assert b.data_extents(0, 64) is None
+        n, z = classify_block(b, b.page_words(), bytearray(b"\x01" * 64), 0, 64)
+        assert n.tolist() == [p for p in data_pages if p != data_pages[1]]
+        assert len(n) + len(z) == 64
+    finally:
+        b.close()
