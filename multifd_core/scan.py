@@ -41,21 +41,19 @@ def classify(
     dirty = np.flatnonzero(np.frombuffer(bitmap, dtype=np.uint8, count=stop - start, offset=start))
     if not len(dirty):
         return dirty, dirty
-    if extents is not None and len(dirty) == stop - start:
+    if extents is None:
+        extents = [(start, stop)]  # any page may hold data
+    if len(dirty) == stop - start:  # all dirty: views of the data, no copy
         nz = np.zeros(stop - start, dtype=bool)
-        for a, b in extents:  # views of the data, no copy
+        for a, b in extents:
             nz[a - start : b - start] = nonzero_rows(words[a:b])
-    elif extents is not None:
+    else:  # a copy of the dirty pages that may hold data, only
         maybe = np.zeros(stop - start, dtype=bool)
         for a, b in extents:
             maybe[a - start : b - start] = True
         read = maybe[dirty]
         nz = np.zeros(len(dirty), dtype=bool)
-        nz[read] = nonzero_rows(words[dirty[read] + start])  # a copy of those pages only
-    elif len(dirty) == stop - start:
-        nz = nonzero_rows(words[start:stop])  # all dirty: a view of the window, no copy
-    else:
-        nz = nonzero_rows(words[dirty + start])  # a copy of the dirty pages only
+        nz[read] = nonzero_rows(words[dirty[read] + start])
     dirty += start
     return dirty[nz], dirty[~nz]
 
