@@ -5,20 +5,13 @@ from __future__ import annotations
 import trio
 
 
-class DyingStream(trio.abc.HalfCloseableStream):
-    """Closes the connection (both ways) once ``limit`` bytes have been sent on it."""
+class PassThroughStream(trio.abc.HalfCloseableStream):
+    """Hands every call to ``inner``; a fault stream overrides the one it breaks."""
 
-    def __init__(self, inner: trio.abc.HalfCloseableStream, limit: int) -> None:
+    def __init__(self, inner: trio.abc.HalfCloseableStream) -> None:
         self.inner = inner
-        self.left = limit
 
     async def send_all(self, data) -> None:  # type: ignore[override]
-        data = bytes(data)
-        if len(data) >= self.left:
-            await self.inner.send_all(data[: self.left])
-            await self.inner.aclose()
-            raise trio.BrokenResourceError("injected: connection died")
-        self.left -= len(data)
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -32,3 +25,32 @@ class DyingStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class DyingStream(PassThroughStream):
+    """Closes the connection (both ways) once ``limit`` bytes have been sent on it."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream, limit: int) -> None:
+        super().__init__(inner)
+        self.left = limit
+
+    async def send_all(self, data) -> None:  # type: ignore[override]
+        data = bytes(data)
+        if len(data) >= self.left:
+            await self.inner.send_all(data[: self.left])
+            await self.inner.aclose()
+            raise trio.BrokenResourceError("injected: connection died")
+        self.left -= len(data)
+        await self.inner.send_all(data)
+
+
+class SlowStream(PassThroughStream):
+    """A stream whose reads are delayed (an uneven, slow channel)."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+
+    async def receive_some(self, max_bytes=None):  # type: ignore[override]
+        await trio.sleep(self.delay)
+        return await self.inner.receive_some(min(max_bytes or 65536, 65536))

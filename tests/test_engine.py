@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import trio
 import trio.testing
-from fault_streams import DyingStream
+from fault_streams import DyingStream, SlowStream
 
 from multifd_core import (
     MemoryNetwork,
@@ -158,30 +158,6 @@ async def test_file_blocks_written_inline_until_a_write_is_slow(
         assert all(writers)
     else:  # each channel's first 3 writes are inline, then its writes move off the loop
         assert writers.count(True) <= 2 * recv.INLINE_SLOW_WRITES
-
-
-class SlowStream(trio.abc.HalfCloseableStream):
-    """A stream whose reads are delayed (an uneven, slow channel)."""
-
-    def __init__(self, inner: trio.abc.HalfCloseableStream, delay: float) -> None:
-        self.inner = inner
-        self.delay = delay
-
-    async def send_all(self, data) -> None:  # type: ignore[override]
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()
-
-    async def receive_some(self, max_bytes=None):  # type: ignore[override]
-        await trio.sleep(self.delay)
-        return await self.inner.receive_some(min(max_bytes or 65536, 65536))
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_sync_barrier_orders_rounds_with_uneven_channels() -> None:
