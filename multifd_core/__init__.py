@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
+from .destination import Destination, open_destination, receive
 from .errors import *  # noqa: F403
 from .errors import MultiFDError
 from .hookspecs import hookimpl
-from .methods import (
-    Buffer,
-    MethodInfo,
-    MethodRegistry,
-    MultiFDMethod,
-    RecvContext,
-    SendContext,
-    load_methods,
-)
-from .migration import Destination, Source, migrate, open_destination, open_source, receive
+from .methods import Buffer, MultiFDMethod, RecvContext, SendContext
+from .options import DestinationOptions, SourceOptions
 from .ram import RAMBlock
+from .registry import MethodInfo, MethodRegistry, load_methods
+from .source import Source, migrate, open_source
 from .stats import MigrationStats
 from .tls import TLSAcceptor, client_context, server_context, tls_acceptor, tls_connector
 from .transport import (
@@ -33,8 +28,10 @@ __all__ = [
     "Acceptor",
     "Buffer",
     "Destination",
+    "DestinationOptions",
     "MigrationStats",
     "Source",
+    "SourceOptions",
     "migrate",
     "open_destination",
     "open_source",

@@ -18,6 +18,8 @@ import numpy as np
 import trio
 
 from . import __version__
+from .boundary import library_errors
+from .destination import open_destination
 from .errors import ConfigError, IncompleteMigration, MultiFDError
 from .files import (
     FileBlock,
@@ -28,9 +30,9 @@ from .files import (
 )
 from .image import dirty_some_pages, vm_like_image
 from .malloc import tune_malloc
-from .methods import load_methods
-from .migration import library_errors, open_destination, open_source
 from .ram import RAMBlock
+from .registry import load_methods
+from .source import open_source
 from .stats import MigrationStats
 from .tls import client_context, server_context, tls_acceptor, tls_connector
 from .transport import (

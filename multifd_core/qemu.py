@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .destination import Accept, open_destination
 from .errors import ConfigError, MultiFDError
 from .files import FileBlock
-from .methods import MethodRegistry
-from .migration import Acceptor, open_destination, open_source
+from .options import QEMU_SAVE_DEFAULTS, DestinationOptions, SourceOptions
 from .ram import RAMBlock
+from .source import open_source
 from .stats import MigrationStats
 from .transport import Connector
 
@@ -69,18 +70,16 @@ class SaveResult:
 
 
 async def qemu_save(
-    accept: Acceptor,
+    accept: Accept,
     directory: str | os.PathLike[str],
-    *,
-    channels: int = 2,
-    method: str = "none",
-    method_options: dict[str, Any] | None = None,
-    registry: MethodRegistry | None = None,
-    uuid: str | bytes | None = None,
-    connect_timeout: float = 60.0,
-    idle_timeout: float | None = 60.0,
+    options: DestinationOptions | None = None,
+    **changes: Any,
 ) -> SaveResult:
-    """Receive one migration from a QEMU source into ``directory``."""
+    """Receive one migration from a QEMU source into ``directory``.
+
+    ``options`` default to :data:`QEMU_SAVE_DEFAULTS` (a destination that waits for a person
+    to start QEMU's migration); keywords change single fields."""
+    opts = DestinationOptions.build(options or QEMU_SAVE_DEFAULTS, **changes)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     made: list[tuple[str, RAMBlock, Path]] = []
@@ -93,17 +92,7 @@ async def qemu_save(
 
     ok = False
     try:
-        async with open_destination(
-            accept,
-            channels=channels,
-            method=method,
-            method_options=method_options,
-            registry=registry,
-            block_factory=factory,
-            uuid=uuid,
-            connect_timeout=connect_timeout,
-            idle_timeout=idle_timeout,
-        ) as dst:
+        async with open_destination(accept, opts, block_factory=factory) as dst:
             stats = await dst.wait()
         blocks = []
         for index, (name, block, part) in enumerate(made):
@@ -125,7 +114,7 @@ async def qemu_save(
             "format": FORMAT,
             "machine-type": dst.machine_type,
             "uuid": str(_uuid.UUID(bytes=source_uuid)),
-            "channels": channels,
+            "channels": opts.channels,
             "compression": dst.method.name,
             "page-size": dst.page_size,
             "ram-section-id": dst.ram_section_id,
@@ -187,15 +176,15 @@ def load_manifest(directory: str | os.PathLike[str], *, verify: bool = True) -> 
 async def qemu_restore(
     directory: str | os.PathLike[str],
     connect: Connector,
+    options: SourceOptions | None = None,
     *,
-    channels: int = 2,
-    method: str = "none",
-    method_options: dict[str, Any] | None = None,
-    registry: MethodRegistry | None = None,
     verify: bool = True,
-    idle_timeout: float | None = 60.0,
+    **changes: Any,
 ) -> MigrationStats:
-    """Send a snapshot to a QEMU destination waiting with ``-incoming``."""
+    """Send a snapshot to a QEMU destination waiting with ``-incoming``.
+
+    ``options`` and keywords as for :func:`open_source`; the machine type, uuid, RAM section id
+    and device state come from the snapshot."""
     d = Path(directory)
     manifest = load_manifest(d, verify=verify)
     page_size = int(manifest.get("page-size", 4096))
@@ -212,15 +201,12 @@ async def qemu_restore(
         async with open_source(
             blocks,
             connect,
-            channels=channels,
-            method=method,
-            method_options=method_options,
-            registry=registry,
+            options,
+            **changes,
             uuid=manifest.get("uuid"),
             machine_type=manifest["machine-type"],
-            section_id=int(manifest.get("ram-section-id") or 2),
+            section_id=int(manifest.get("ram-section-id") or SourceOptions.section_id),
             device_state=device_state,
-            idle_timeout=idle_timeout,
         ) as src:
             return await src.complete()
     finally:

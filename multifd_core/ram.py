@@ -19,15 +19,14 @@ from .errors import ConfigError
 from .wire import check_page_size, encode_block_name
 
 ZERO_PAGE_CACHE: dict[int, bytes] = {}
-#: Pages tested per step by ``RAMBlock.fill_pages`` (a copy of this many pages at most).
-FILL_CHUNK = 1024
 
 
 def nonzero_rows(rows: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.bool_]]:
     """For each page (a row of 64-bit words): does it hold a non-zero byte? (an OR reduction)"""
     if not len(rows):
         return np.zeros(0, dtype=bool)
-    return np.bitwise_or.reduce(rows, axis=1) != 0
+    nonzero: np.ndarray[Any, np.dtype[np.bool_]] = np.bitwise_or.reduce(rows, axis=1) != 0
+    return nonzero
 
 
 def zero_page(page_size: int) -> bytes:
@@ -72,15 +71,16 @@ class RAMBlock:
         self.page_size = page_size
         self.npages = self.size // page_size
         self._dirty = bytearray(self.npages)
-        # known_zero: the memory is all zero now (fresh anonymous memory, a new file); then the
-        # destination tracks which pages it wrote, and zero records for the others cost nothing
-        # (testing them would fault every page in)
-        self._written: bytearray | None = bytearray(self.npages) if known_zero else None
+        # known_zero: the memory is all zero now (fresh anonymous memory, a new file); then
+        # ``written`` tracks which pages a destination wrote (landing.py keeps it), and zero
+        # records for the others cost nothing (testing them would fault every page in)
+        self.written: bytearray | None = bytearray(self.npages) if known_zero else None
         # bytearray/bytes compare in place; other buffers (mmap, arrays) through a page copy
         self._direct = memory if type(memory) in (bytearray, bytes) else None
         # fd: the file that ``memory`` maps (shared), owned by the block. A destination writes
-        # received pages with pwrite through it: a page fault per 4 KiB page of a fresh shared
-        # mapping costs ~3x more than the kernel filling the page cache itself (tmpfs, measured)
+        # received pages with pwrite through it (landing.py): a page fault per 4 KiB page of a
+        # fresh shared mapping costs ~3x more than the kernel filling the page cache itself
+        # (tmpfs, measured)
         self.fd = fd
 
     def __repr__(self) -> str:
@@ -142,25 +142,8 @@ class RAMBlock:
         """True when the page holds only zero bytes (memcmp speed, no per-byte Python)."""
         ps = self.page_size
         if self._direct is not None:
-            return self._direct.startswith(zero_page(ps), offset)
+            return bool(self._direct.startswith(zero_page(ps), offset))
         return self.host[offset : offset + ps].tobytes() == zero_page(ps)
-
-    def fill_page(self, offset: int, fill: int = 0) -> None:
-        """Make the page hold ``fill`` bytes (QEMU's ram_handle_compressed): a page already zero
-        is left untouched, so fresh anonymous memory is not faulted in."""
-        ps = self.page_size
-        written = self._written
-        if fill == 0:
-            if written is not None:
-                if written[offset // ps]:
-                    self.host[offset : offset + ps] = zero_page(ps)
-                    written[offset // ps] = 0
-            elif not self.is_zero_page(offset):
-                self.host[offset : offset + ps] = zero_page(ps)
-        else:
-            self.host[offset : offset + ps] = bytes((fill,)) * ps
-            if written is not None:
-                written[offset // ps] = 1
 
     def data_extents(self, start: int, stop: int) -> list[tuple[int, int]] | None:
         """The page ranges of ``[start, stop)`` (page indexes) that may hold data, in order;
@@ -170,37 +153,6 @@ class RAMBlock:
     def page_words(self) -> np.ndarray[Any, np.dtype[np.uint64]]:
         """The memory as one row of 64-bit words per page (a view, no copy)."""
         return np.frombuffer(self.host, dtype=np.uint64).reshape(self.npages, self.page_size // 8)
-
-    def fill_pages(self, offsets: np.ndarray[Any, Any], fills: np.ndarray[Any, Any]) -> None:
-        """``fill_page`` for many pages at once (``offsets`` valid page offsets of this block):
-        the zero pages are tested and written in C, a chunk of pages at a time."""
-        ps = self.page_size
-        idx = (offsets // ps).astype(np.intp)
-        other = fills != 0
-        if other.any():  # QEMU only sends fill 0; any other fill goes page by page
-            for off, fill in zip(offsets[other].tolist(), fills[other].tolist(), strict=True):
-                self.fill_page(off, fill)
-            idx = idx[~other]
-        if self._written is not None:
-            written = np.frombuffer(self._written, dtype=np.uint8)
-            dirty = idx[written[idx] != 0]  # only pages written before can be non-zero
-            written[dirty] = 0
-            del written
-            for off in (dirty * ps).tolist():
-                self.host[off : off + ps] = zero_page(ps)
-            return
-        words = self.page_words()
-        for i in range(0, len(idx), FILL_CHUNK):  # test a copy of at most FILL_CHUNK pages
-            chunk = idx[i : i + FILL_CHUNK]
-            words[chunk[nonzero_rows(words[chunk])]] = 0
-
-    def note_written(self, offsets: Sequence[int]) -> None:
-        """Record that the pages at ``offsets`` were written (see ``known_zero``)."""
-        written = self._written
-        if written is not None:
-            ps = self.page_size
-            for off in offsets:
-                written[off // ps] = 1
 
     def spans(self, offsets: Sequence[int]) -> list[tuple[int, int]]:
         """The pages at ``offsets`` as (start, end) byte ranges, contiguous pages joined."""
@@ -222,18 +174,6 @@ class RAMBlock:
         """The pages at ``offsets`` as memoryviews, contiguous pages joined into one view."""
         host = self.host
         return [host[start:end] for start, end in self.spans(offsets)]
-
-    def write_spans(self, spans: Sequence[tuple[int, int]], views: Sequence[memoryview]) -> None:
-        """Write ``views`` (one per span, of its length) at ``spans``: pwrite when the block has
-        a file, else a copy into the memory."""
-        fd = self.fd
-        for (start, end), view in zip(spans, views, strict=True):
-            if fd is None:
-                self.host[start:end] = view
-                continue
-            done = 0
-            while done < end - start:
-                done += os.pwrite(fd, view[done:], start + done)
 
     def release(self, start: int, end: int) -> None:
         """The source has handed the pages of ``[start, end)`` to the channels: a block that can

@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import enum
 import math
-import time
 
 import trio
 
 from .errors import ChannelClosed, ProtocolError, SyncError
+from .landing import PacketLanding
 from .methods import MultiFDMethod, RecvContext
 from .ram import RAMBlock
-from .stats import ChannelStats, MigrationStats
+from .stats import MigrationStats
 from .transport import ChannelIO
-from .wire import MultiFDPacket, PacketRules, decode_packet
-
-#: INLINE_SLOW_WRITES writes in a row slower than INLINE_WRITE_LIMIT (seconds) move a channel's
-#: later page writes off the event loop. Into the page cache, a packet's pwrite takes ~0.1-0.3 ms,
-#: less than handing it to a worker thread and back (that hop cost ~30 % of a nocomp migration's
-#: time, measured); a file system that throttles (dirty-page limits, a slow disk) takes far
-#: longer. One slow write alone may be the process being descheduled, so it takes a few.
-INLINE_WRITE_LIMIT = 0.005
-INLINE_SLOW_WRITES = 3
+from .wire import PacketRules, decode_packet
 
 
 class Report(enum.Enum):
@@ -50,6 +42,7 @@ class MultiFDRecvState:
         )
         self.completed = False
         self.closed_channels: set[int] = set()
+        self.syncs = 0  # sync barriers passed (the setup's included)
 
     def set_blocks(self, blocks: dict[str, RAMBlock]) -> None:
         self.blocks = blocks
@@ -61,15 +54,13 @@ class MultiFDRecvState:
         while len(got) < self.num_channels:
             cid, kind = await self.reports_recv.receive()
             if kind is Report.EOF:
-                raise ChannelClosed(
-                    f"closed before the SYNC of round {self.stats.rounds}", channel=cid
-                )
+                raise ChannelClosed(f"closed before the SYNC of round {self.syncs}", channel=cid)
             if cid in got:  # a channel blocks after each SYNC until released
-                raise SyncError(f"two SYNCs in round {self.stats.rounds}", channel=cid)
+                raise SyncError(f"two SYNCs in round {self.syncs}", channel=cid)
             got.add(cid)
         for cid in got:
             self.channels[cid].sem_sync.release()
-        self.stats.rounds += 1
+        self.syncs += 1
 
     async def wait_all_closed(self) -> None:
         """After the end of the migration: wait until every channel has read its end of stream,
@@ -94,20 +85,12 @@ class MultiFDRecvChannel:
     ) -> None:
         self.id = id
         self.io = io
-        self.method = method
         self.ctx = ctx
         self.state = state
-        self.limiter = limiter
         self.sem_sync = trio.Semaphore(0)
-        self.cstats = ChannelStats(id)
-        state.stats.per_channel.append(self.cstats)
+        self.cstats = state.stats.add_channel(id)
         rules = state.rules
-        self._payload = bytearray(
-            0 if method.raw_payload else method.payload_size(rules.max_pages * rules.page_size)[1]
-        )
-        self._bounce: bytearray | None = None  # pages bound for a file block (see _targets)
-        self.inline_writes = True  # see write_file
-        self._slow_writes = 0  # slow inline writes in a row
+        self.landing = PacketLanding(io, method, ctx, limiter, rules.max_pages * rules.page_size)
 
     async def multifd_recv_thread(self) -> None:
         try:
@@ -138,92 +121,15 @@ class MultiFDRecvChannel:
                         channel=self.id,
                         packet_num=packet.packet_num,
                     )
-                await self._recv_pages(packet)
-            c = self.cstats
-            c.packets += 1
-            c.normal_pages += packet.normal_pages
-            wire = rules.header_size + packet.next_packet_size
-            c.wire_bytes += wire
-            s = state.stats
-            s.packets += 1
-            s.normal_pages += packet.normal_pages
-            s.zero_pages += packet.zero_pages
-            s.multifd_bytes += wire
-            s.payload_bytes += packet.next_packet_size
-            if packet.sync:
-                c.sync_packets += 1
-                if not state.completed:
-                    state.reports_send.send_nowait((self.id, Report.SYNC))
-                    await self.sem_sync.acquire()
-
-    def _targets(self, block: RAMBlock, spans: list[tuple[int, int]]) -> list[memoryview]:
-        """Where the packet's pages land first: the block's memory itself, or for a block with a
-        file, this channel's bounce buffer (written to the file with pwrite afterwards)."""
-        if block.fd is None:
-            host = block.host
-            return [host[start:end] for start, end in spans]
-        if self._bounce is None:
-            rules = self.state.rules
-            self._bounce = bytearray(rules.max_pages * rules.page_size)
-        bounce = memoryview(self._bounce)
-        views = []
-        pos = 0
-        for start, end in spans:
-            views.append(bounce[pos : pos + end - start])
-            pos += end - start
-        return views
-
-    async def write_file(
-        self, block: RAMBlock, spans: list[tuple[int, int]], views: list[memoryview]
-    ) -> None:
-        """Write a packet's pages (in ``views``) into the block's file: right here while the
-        page cache takes them quickly, in a worker thread once INLINE_SLOW_WRITES writes in a row
-        took longer than INLINE_WRITE_LIMIT (the file system throttles; the event loop must not
-        wait on it)."""
-        if self.inline_writes:
-            t0 = time.perf_counter()
-            block.write_spans(spans, views)
-            if time.perf_counter() - t0 <= INLINE_WRITE_LIMIT:
-                self._slow_writes = 0
-            else:
-                self._slow_writes += 1
-                self.inline_writes = self._slow_writes < INLINE_SLOW_WRITES
-        else:
-            await trio.to_thread.run_sync(block.write_spans, spans, views, limiter=self.limiter)
-
-    async def _recv_pages(self, packet: MultiFDPacket) -> None:
-        block = self.state.blocks[packet.ramblock]
-        if packet.normal_pages:
-            spans = block.spans(packet.normal_offsets)
-            runs = self._targets(block, spans)
-            what = f"packet {packet.packet_num} payload"
-            to_file = block.fd is not None
-            if self.method.raw_payload and to_file:  # the runs lie end to end in the bounce
-                assert self._bounce is not None
-                size = packet.normal_pages * block.page_size
-                await self.io.receive_into(memoryview(self._bounce)[:size], what)
-                await self.write_file(block, spans, runs)
-            elif self.method.raw_payload:
-                await self.io.receive_into_views(runs, what)
-            else:
-                payload = memoryview(self._payload)[: packet.next_packet_size]
-                await self.io.receive_into(payload, what)
-
-                def land() -> None:
-                    self.ctx.recv_pages(payload, runs)
-                    if to_file:
-                        block.write_spans(spans, runs)
-
-                try:
-                    if self.method.threaded:
-                        await trio.to_thread.run_sync(land, limiter=self.limiter)
-                    else:
-                        land()
-                except ProtocolError as exc:
-                    raise exc.located(channel=self.id, packet_num=packet.packet_num) from None
-            # Only now that the pages hold their data: noted before the (awaited) receive, a zero
-            # record of the main channel landing meanwhile would clear the mark under data still
-            # arriving, and later zero records for these pages would then be skipped.
-            block.note_written(packet.normal_offsets)
-        for off in packet.zero_offsets:
-            block.fill_page(off)
+                await self.landing.land(state.blocks[packet.ramblock], packet)
+            state.stats.packet(
+                self.cstats,
+                normal_pages=packet.normal_pages,
+                zero_pages=packet.zero_pages,
+                header_bytes=rules.header_size,
+                payload_bytes=packet.next_packet_size,
+                sync=packet.sync,
+            )
+            if packet.sync and not state.completed:
+                state.reports_send.send_nowait((self.id, Report.SYNC))
+                await self.sem_sync.acquire()

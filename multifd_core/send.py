@@ -8,7 +8,6 @@ idle channel and gives it a job. Owning an idle id is owning that channel until 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ import trio
 
 from .methods import Buffer, MultiFDMethod, SendContext
 from .ram import RAMBlock
-from .stats import ChannelStats, MigrationStats
+from .stats import MigrationStats
 from .transport import ChannelIO
 from .wire import MULTIFD_FLAG_SYNC, MultiFDPacket
 
@@ -54,8 +53,7 @@ class MultiFDSendChannel:
         self.ctx = ctx
         self.header_pages = header_pages
         self.stats = stats
-        self.cstats = ChannelStats(id)
-        stats.per_channel.append(self.cstats)
+        self.cstats = stats.add_channel(id)
         self.limiter = limiter
         self.zero_pages_field = zero_pages_field
         self.jobs_send, self.jobs_recv = trio.open_memory_channel[SendJob | None](0)
@@ -107,17 +105,13 @@ class MultiFDSendChannel:
             offsets=job.offsets,
         ).encode(self.header_pages, zero_pages_field=self.zero_pages_field)
         await self.io.send_parts([header, *payload])
-        wire = len(header) + size
-        c, s = self.cstats, self.stats
-        c.packets += 1
-        c.normal_pages += npages
-        c.wire_bytes += wire
-        s.packets += 1
-        s.normal_pages += npages
-        s.multifd_bytes += wire
-        s.payload_bytes += size
-        if flags & MULTIFD_FLAG_SYNC:
-            c.sync_packets += 1
+        self.stats.packet(
+            self.cstats,
+            normal_pages=npages,
+            header_bytes=len(header),
+            payload_bytes=size,
+            sync=bool(flags & MULTIFD_FLAG_SYNC),
+        )
 
 
 class MultiFDSendState:
@@ -188,13 +182,8 @@ class MultiFDSendState:
             await self.channels[cid].jobs_send.send(_QUIT)
 
 
-def default_thread_limit() -> int:
-    return max(1, os.cpu_count() or 1)
-
-
 __all__ = [
     "MultiFDSendChannel",
     "MultiFDSendState",
     "SendJob",
-    "default_thread_limit",
 ]

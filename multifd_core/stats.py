@@ -1,4 +1,12 @@
-"""Migration statistics, shaped like QEMU's query-migrate. A leaf module."""
+"""Migration statistics, shaped like QEMU's query-migrate. A leaf module.
+
+Every counter changes through one method of these classes (``packet``, ``add_zero_pages``,
+``round_done``, ...), called by the engine at the one place each event happens; no other module
+assigns a field. Both ends count the same things the same way: a *round* is one pass over the
+dirty pages that ends in a sync barrier (``send_round()`` / ``complete()`` on the source, the
+matching end-of-round in the main stream on the destination); the sync of the setup, before any
+page, is not a round.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +24,14 @@ class ChannelStats:
     normal_pages: int = 0
     sync_packets: int = 0
     wire_bytes: int = 0
+
+    def packet(self, normal_pages: int, wire_bytes: int, sync: bool) -> None:
+        """One packet sent or received on this channel."""
+        self.packets += 1
+        self.normal_pages += normal_pages
+        self.wire_bytes += wire_bytes
+        if sync:
+            self.sync_packets += 1
 
 
 @dataclass
@@ -36,8 +52,6 @@ class MigrationStats:
     main_bytes: int = 0
     multifd_bytes: int = 0  # header + payload bytes on multifd channels
     payload_bytes: int = 0  # payload bytes on multifd channels
-    pages_this_round: int = 0
-    dirty_pages_remaining: int = 0
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
     error: str | None = None
@@ -66,6 +80,55 @@ class MigrationStats:
     def compression_ratio(self) -> float:
         """Page bytes per payload byte on the multifd channels (1.0 without compression)."""
         return self.normal_bytes / self.payload_bytes if self.payload_bytes else 1.0
+
+    # --- counting: the only writers of the fields above --------------------------------------
+
+    def start(self, total_bytes: int | None = None) -> None:
+        """The migration is set up (connections made, blocks known)."""
+        self.status = "active"
+        if total_bytes is not None:
+            self.total_bytes = total_bytes
+
+    def add_channel(self, channel: int) -> ChannelStats:
+        """The counters of a new multifd channel."""
+        cstats = ChannelStats(channel)
+        self.per_channel.append(cstats)
+        return cstats
+
+    def packet(
+        self,
+        cstats: ChannelStats,
+        *,
+        normal_pages: int,
+        header_bytes: int,
+        payload_bytes: int,
+        sync: bool,
+        zero_pages: int = 0,
+    ) -> None:
+        """One multifd packet sent or received on the channel counted by ``cstats``."""
+        wire = header_bytes + payload_bytes
+        cstats.packet(normal_pages, wire, sync)
+        self.packets += 1
+        self.normal_pages += normal_pages
+        self.zero_pages += zero_pages
+        self.multifd_bytes += wire
+        self.payload_bytes += payload_bytes
+
+    def add_zero_pages(self, count: int) -> None:
+        """``count`` pages sent or received as zero records of the main stream."""
+        self.zero_pages += count
+
+    def add_inline_pages(self, count: int) -> None:
+        """``count`` pages carried whole in the main stream."""
+        self.inline_pages += count
+
+    def add_main_bytes(self, count: int) -> None:
+        """``count`` bytes sent or received on the main channel."""
+        self.main_bytes += count
+
+    def round_done(self) -> None:
+        """A round ended with its sync barrier (see the module's doc)."""
+        self.rounds += 1
 
     def finish(self, status: str, error: BaseException | None = None) -> None:
         if self.ended is None:

@@ -25,12 +25,14 @@ from typing import Any
 
 import trio
 
+from .boundary import library_errors
+from .destination import open_destination
 from .errors import CompressionMismatch, DecompressionError, MultiFDError
 from .image import dirty_some_pages, make_page, vm_like_image
 from .methods import MultiFDMethod, RecvContext, SendContext
-from .migration import library_errors, open_destination, open_source
 from .nocomp import NocompRecv, NocompSend
 from .ram import RAMBlock
+from .source import open_source
 from .stats import MigrationStats
 from .transport import MemoryNetwork, open_tcp_acceptor, tcp_connector
 

@@ -55,7 +55,7 @@ def unix_connector(path: str | os.PathLike[str]) -> Connector:
 class Acceptor:
     """Accepts channels from one trio listener; ``await acceptor()`` returns the next stream."""
 
-    def __init__(self, listener: trio.abc.Listener[Any]) -> None:
+    def __init__(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
         self.listener = listener
 
     async def __call__(self) -> trio.abc.Stream:
@@ -162,8 +162,6 @@ class ChannelIO:
             stream if isinstance(stream, trio.SSLStream) else None
         )
         self._pending = bytearray()  # bytes read ahead (generic streams) or pushed back
-        self.bytes_received = 0
-        self.bytes_sent = 0
         self.activity = trio.current_time()
         self.waiting = IDLE
 
@@ -190,7 +188,6 @@ class ChannelIO:
 
     async def send_parts(self, parts: Sequence[Buffer]) -> None:
         """Send ``parts`` back to back; sockets get one ``sendmsg`` per batch, no joining."""
-        total = sum(len(memoryview(p)) for p in parts)
         self.waiting = MID
         try:
             if self.sock is None:
@@ -204,7 +201,6 @@ class ChannelIO:
             raise self._error("send failed, peer gone", exc) from exc
         finally:
             self.waiting = IDLE
-        self.bytes_sent += total
 
     async def _sendmsg_all(self, parts: Sequence[Buffer]) -> None:
         views = [memoryview(p).cast("B") for p in parts]
@@ -244,7 +240,6 @@ class ChannelIO:
             self.waiting = IDLE
         self.activity = trio.current_time()
         data = bytes(received)
-        self.bytes_received += len(data)
         return data
 
     async def receive_into(
@@ -270,7 +265,6 @@ class ChannelIO:
                     if not n:
                         break
                     pos += n
-                    self.bytes_received += n
                     self.activity = trio.current_time()
                     self.waiting = MID
             else:
@@ -278,7 +272,6 @@ class ChannelIO:
                     data = await self.stream.receive_some(min(READ_CHUNK, max(want - pos, 4096)))
                     if not data:
                         break
-                    self.bytes_received += len(data)
                     self.activity = trio.current_time()
                     self.waiting = MID
                     take = min(len(data), want - pos)
@@ -323,7 +316,6 @@ class ChannelIO:
                         channel=self.channel,
                     )
                 got += n
-                self.bytes_received += n
                 while n:
                     size = len(todo[i])
                     if n >= size:

@@ -35,11 +35,9 @@ from typing import Any
 
 import trio
 
-from multifd_core import RAMBlock
+from multifd_core import MultiFDMethod, RAMBlock, load_methods, open_destination, open_source
 from multifd_core import mainstream as ms
 from multifd_core.errors import MultiFDError
-from multifd_core.methods import MultiFDMethod, load_methods
-from multifd_core.migration import open_destination, open_source
 from multifd_core.wire import (
     MULTIFD_FLAG_SYNC,
     MULTIFD_INIT_SIZE,

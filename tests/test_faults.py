@@ -15,7 +15,7 @@ import trio
 import trio.testing
 from fault_streams import DyingStream  # (tests/ is on sys.path: conftest)
 
-from multifd_core import RAMBlock, open_tcp_acceptor, tcp_connector
+from multifd_core import RAMBlock, open_destination, open_source, open_tcp_acceptor, tcp_connector
 from multifd_core.errors import (
     ChannelError,
     ChannelStalled,
@@ -26,7 +26,6 @@ from multifd_core.errors import (
 )
 from multifd_core.image import dirty_some_pages, vm_like_image
 from multifd_core.mainstream import MainStreamWriter
-from multifd_core.migration import open_destination, open_source
 from multifd_core.transport import BOUNDARY, IDLE, MID, Acceptor, ChannelIO, MemoryNetwork
 from multifd_core.watchdog import find_stall
 from multifd_core.wire import MULTIFD_FLAG_SYNC, MultiFDInit, MultiFDPacket

@@ -25,9 +25,8 @@ if os.fspath(Path(__file__).resolve().parent) not in sys.path:  # for the harnes
     sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
 import fuzz_harness as fh
 
-from multifd_core import MemoryNetwork, RAMBlock
+from multifd_core import MemoryNetwork, RAMBlock, open_destination
 from multifd_core.mainstream import MainStreamWriter
-from multifd_core.migration import open_destination
 from multifd_core.wire import MULTIFD_FLAG_SYNC, MultiFDInit, MultiFDPacket
 
 #: Mutated cases per CI run (deterministic: run seed 2024, cases 0..N-1).

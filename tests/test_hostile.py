@@ -13,7 +13,14 @@ import pytest
 import trio
 import trio.testing
 
-from multifd_core import MemoryNetwork, MultiFDMethod, RAMBlock, load_methods
+from multifd_core import (
+    MemoryNetwork,
+    MultiFDMethod,
+    RAMBlock,
+    load_methods,
+    open_destination,
+    open_source,
+)
 from multifd_core.errors import (
     BadChannelId,
     BadMagic,
@@ -30,7 +37,6 @@ from multifd_core.errors import (
 )
 from multifd_core.mainstream import MainStreamWriter
 from multifd_core.methods import RecvContext, SendContext
-from multifd_core.migration import open_destination, open_source
 from multifd_core.nocomp import NocompRecv, NocompSend
 from multifd_core.wire import MULTIFD_FLAG_SYNC, MultiFDInit, MultiFDPacket
 

@@ -15,7 +15,7 @@ if sys.argv[1] == "tuned":
     assert tune_malloc()
 from multifd_core import MemoryNetwork, RAMBlock
 from multifd_core.image import vm_like_image
-from multifd_core.migration import open_destination, open_source
+from multifd_core import open_destination, open_source
 
 async def main():
     block = RAMBlock("ram", vm_like_image(64 << 20, 4096, 1))

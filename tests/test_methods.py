@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from multifd_core import hookimpl
+from multifd_core import MethodInfo, MultiFDMethod, RecvContext, SendContext, hookimpl, load_methods
 from multifd_core.errors import (
     ConfigError,
     DecompressionError,
@@ -19,13 +19,6 @@ from multifd_core.errors import (
     PluginConflictError,
     PluginLoadError,
     UnknownMethodError,
-)
-from multifd_core.methods import (
-    MethodInfo,
-    MultiFDMethod,
-    RecvContext,
-    SendContext,
-    load_methods,
 )
 from multifd_core.nocomp import Nocomp, NocompRecv, NocompSend
 

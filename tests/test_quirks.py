@@ -23,11 +23,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from multifd_core import MemoryNetwork, RAMBlock
+from multifd_core import MemoryNetwork, RAMBlock, open_destination, open_source
 from multifd_core.errors import MainStreamError
 from multifd_core.image import vm_like_image
 from multifd_core.mainstream import NEED_DATA, MainStreamParser, MainStreamWriter, RoundEnd
-from multifd_core.migration import open_destination, open_source
 from multifd_core.qemu import load_manifest
 from multifd_core.transport import Connector, tcp_connector
 from multifd_core.wire import (
@@ -180,7 +179,7 @@ def build_migration(method: str) -> tuple[bytes, list[Channel], dict[str, bytear
     for extra in range(2):
         ch[0].empty(17 + extra, sync=True, leftovers=True)
         ch[1].empty(17 + extra, sync=True)
-    return w.take(), ch, expect, 4
+    return w.take(), ch, expect, 3  # rounds: the setup's sync is not one
 
 
 @pytest.mark.parametrize("method", ["none", "zlib"])
@@ -313,7 +312,7 @@ def test_channels_before_main_complete(lab: qh.Lab) -> None:
     assert order == ["channel 0", "channel 1", "channel 2", "main"]
     assert save.wait(20) == 0, save.stderr()
     out = save.json()
-    assert out["status"] == "completed" and out["ram"]["dirty-sync-count"] == 3
+    assert out["status"] == "completed" and out["ram"]["dirty-sync-count"] == 2
     manifest = load_manifest(snap)
     assert [b["name"] for b in manifest["blocks"]] == [RAM, BIOS]
     assert qh.block_image(snap, RAM) == ram

@@ -31,6 +31,7 @@ import trustme
 from multifd_core import (
     RAMBlock,
     client_context,
+    load_methods,
     open_destination,
     open_source,
     open_tcp_acceptor,
@@ -47,7 +48,6 @@ from multifd_core.errors import (
     TLSError,
 )
 from multifd_core.image import vm_like_image
-from multifd_core.methods import load_methods
 from multifd_core.transport import ChannelIO, Connector
 
 PS = 4096

@@ -1,0 +1,368 @@
+"""The receiving end of a migration: accepting connections, the main channel, the drain.
+
+``open_destination`` is an async context manager for embedding in a trio program; ``receive``
+runs a whole migration in one call. Connections arrive in any order: each is classified from its
+first bytes (``handshake.py``), the main channel's stream is parsed (``mainstream``) and its
+events dispatched here, the multifd channels read packets (``recv.py``) into the blocks
+(``landing.py``). Any failure ends every task and socket and surfaces as one exception of this
+library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from . import landing
+from . import mainstream as ms
+from .boundary import library_errors
+from .errors import (
+    BlockMismatch,
+    ChannelClosed,
+    ConfigError,
+    LimitExceeded,
+    MigrationTimeout,
+    TruncatedStream,
+)
+from .handshake import HEAD_SIZE, Handshake, MainChannel
+from .options import DestinationOptions
+from .ram import RAMBlock
+from .recv import MultiFDRecvChannel, MultiFDRecvState
+from .stats import MigrationStats
+from .transport import ChannelIO
+from .watchdog import watchdog
+from .wire import PacketRules, pages_per_packet
+
+#: How a destination gets its next connection: any async callable returning a trio stream
+#: (``open_tcp_acceptor(...)``, ``MemoryNetwork.accept``, a TLS acceptor, ...).
+Accept = Callable[[], Awaitable[trio.abc.Stream]]
+#: ``factory(name, size, page_size)`` makes a block the source announced.
+BlockFactory = Callable[[str, int, int], RAMBlock]
+
+
+def allocate_block(name: str, size: int, page_size: int) -> RAMBlock:
+    """The default block factory: zero-filled anonymous memory."""
+    return RAMBlock.allocate(name, size, page_size)
+
+
+class Destination:
+    """The receiving end. Made by :func:`open_destination`; not constructed directly."""
+
+    def __init__(
+        self,
+        accept: Accept,
+        options: DestinationOptions,
+        *,
+        blocks: Mapping[str, RAMBlock] | None = None,
+        block_factory: BlockFactory = allocate_block,
+    ) -> None:
+        self.accept = accept
+        self.options = options
+        self.num_channels = options.channels
+        self.method = options.resolve_method()
+        self.given_blocks = blocks
+        self.block_factory = block_factory
+        self.page_size = options.page_size
+        self.limiter = trio.CapacityLimiter(options.threads)
+        self.stats = MigrationStats(
+            "destination", self.num_channels, self.method.name, self.page_size
+        )
+        self.rules = PacketRules(
+            page_size=self.page_size,
+            max_pages=pages_per_packet(self.page_size),
+            compression=self.method.value,
+            payload_size=self.method.payload_size,
+        )
+        self.state = MultiFDRecvState(self.num_channels, self.rules, self.stats)
+        self.handshakes = Handshake(self.num_channels, options.uuid_bytes)
+        self.ios: list[ChannelIO] = []
+        self.main: ChannelIO | None = None
+        self.blocks: dict[str, RAMBlock] = {}
+        self.machine_type: str | None = None
+        self.configuration: ms.Configuration | None = None
+        self.device_state: list[bytes] = []
+        self.ram_section_id: int | None = None
+        self.vmdesc: bytes | None = None
+        self.done = trio.Event()
+        self._watching = trio.CancelScope()
+        self._accepting = trio.CancelScope()
+        self._handshakes = 0
+        self._handshakes_done = trio.Event()
+        self._on_event: dict[type[Any], Callable[[Any], Awaitable[None] | None]] = {
+            ms.ZeroPages: self._on_zero_pages,
+            ms.ZeroPage: self._on_zero_page,
+            ms.RoundEnd: self._on_round_end,
+            ms.Page: self._on_page,
+            ms.RamBlocks: self._on_ram_blocks,
+            ms.Configuration: self._on_configuration,
+            ms.DeviceState: self._on_device_state,
+            ms.VmDescription: self._on_vmdesc,
+        }
+
+    @property
+    def uuid(self) -> bytes | None:
+        """The uuid every channel must carry, when this side was given one."""
+        return self.options.uuid_bytes
+
+    @property
+    def source_uuid(self) -> bytes | None:
+        """The uuid the source's channels carry (known after the first channel's handshake)."""
+        return self.handshakes.source_uuid
+
+    async def wait(self) -> MigrationStats:
+        """Wait until the migration has completed; returns the stats."""
+        await self.done.wait()
+        return self.stats
+
+    # --- connections ------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        if self.options.idle_timeout is not None:
+            with self._watching:
+                await watchdog(self.ios, self.options.idle_timeout)
+
+    async def _run(self, nursery: trio.Nursery) -> None:
+        self.stats.start()
+        timeout = self.options.connect_timeout
+        with trio.move_on_after(timeout) as scope:
+            for _ in range(self.num_channels + 1):
+                stream = await self.accept()
+                nursery.start_soon(self._handshake, stream)
+        if scope.cancelled_caught:
+            raise MigrationTimeout(
+                f"only {len(self.ios)} of {self.num_channels + 1} connections (main + "
+                f"{self.num_channels} channels) arrived within {timeout} s"
+            )
+        # Keep accepting until the migration ends: a connection beyond main + N channels (a
+        # source with more channels than this side) must fail the migration with the reason,
+        # not sit unread in the listen backlog with its pages silently lost.
+        with self._accepting:
+            while True:
+                stream = await self.accept()
+                nursery.start_soon(self._handshake, stream)
+
+    async def _first_bytes(self, io: ChannelIO) -> bytearray:
+        """The connection's first message (TLS handshake first), bounded by handshake_timeout."""
+        timeout = self.options.handshake_timeout
+        self._handshakes += 1
+        self._handshakes_done = trio.Event()
+        try:
+            with trio.fail_after(timeout):
+                await io.handshake()  # TLS: here, in this connection's task, bounded
+                head = await io.receive_exactly(HEAD_SIZE, "the first bytes of a connection")
+                need = self.handshakes.bytes_needed(head)
+                if need > len(head):
+                    head += await io.receive_exactly(need - len(head), "the init packet")
+                return head
+        except trio.TooSlowError:
+            raise MigrationTimeout(f"a connection sent no handshake within {timeout} s") from None
+        finally:
+            self._handshakes -= 1
+            if not self._handshakes:
+                self._handshakes_done.set()
+
+    async def _handshake(self, stream: trio.abc.Stream) -> None:
+        io = ChannelIO(stream, None)
+        self.ios.append(io)
+        head = await self._first_bytes(io)
+        conn = self.handshakes.classify(head)
+        if isinstance(conn, MainChannel):
+            self.main = io
+            io.unread(head)
+            await self._main_loop(io)
+            return
+        io.channel = conn.id
+        ch = MultiFDRecvChannel(
+            conn.id, io, self.method, self.method.recv_setup(conn.id), self.state, self.limiter
+        )
+        self.state.channels[conn.id] = ch
+        await ch.multifd_recv_thread()
+
+    # --- the main channel -------------------------------------------------------------------
+
+    async def _main_loop(self, io: ChannelIO) -> None:
+        parser = ms.MainStreamParser(
+            page_size=self.page_size,
+            max_device_state=self.options.max_device_state,
+            max_blocks=self.options.max_blocks,
+            batch_zero_pages=True,
+        )
+        while True:
+            try:
+                ev = parser.next_event()
+            except TruncatedStream as exc:
+                raise ChannelClosed(f"closed early: {exc}", channel=None) from None
+            if ev is ms.NEED_DATA:
+                data = await io.receive_some()
+                if data:
+                    self.stats.add_main_bytes(len(data))
+                    parser.feed(data)
+                else:
+                    parser.feed_eof()
+            elif isinstance(ev, ms.ConnectionEnd):
+                break
+            else:
+                handler = self._on_event.get(type(ev))
+                if handler is not None:
+                    pending = handler(ev)
+                    if pending is not None:
+                        await pending
+        await self._finish()
+
+    def _on_zero_pages(self, ev: ms.ZeroPages) -> None:
+        landing.fill_pages(self.blocks[ev.block], ev.offsets, ev.fills)
+        self.stats.add_zero_pages(len(ev.offsets))
+
+    def _on_zero_page(self, ev: ms.ZeroPage) -> None:
+        landing.fill_page(self.blocks[ev.block], ev.offset, ev.fill)
+        self.stats.add_zero_pages(1)
+
+    async def _on_round_end(self, ev: ms.RoundEnd) -> None:
+        await self.state.recv_sync_main()
+        if ev.kind != ms.QEMU_VM_SECTION_START:  # the setup's sync is not a round
+            self.stats.round_done()
+
+    def _on_page(self, ev: ms.Page) -> None:
+        landing.put_page(self.blocks[ev.block], ev.offset, ev.data)
+        self.stats.add_inline_pages(1)
+
+    def _on_ram_blocks(self, ev: ms.RamBlocks) -> None:
+        self.ram_section_id = ev.section_id
+        self._setup_blocks(ev.blocks)
+
+    def _on_configuration(self, ev: ms.Configuration) -> None:
+        self.machine_type = ev.machine_type
+        self.configuration = ev
+
+    def _on_device_state(self, ev: ms.DeviceState) -> None:
+        self.device_state.append(ev.data)
+
+    def _on_vmdesc(self, ev: ms.VmDescription) -> None:
+        self.vmdesc = ev.json
+
+    def _check_total(self, announced: Sequence[tuple[str, int]]) -> int:
+        total = sum(size for _, size in announced)
+        limit = self.options.max_total_bytes
+        if limit is not None and total > limit:
+            raise LimitExceeded(
+                f"the source announces {total} bytes of RAM in {len(announced)} block(s), "
+                f"more than the {limit} allowed here"
+            )
+        return total
+
+    def _block(self, name: str, size: int) -> RAMBlock:
+        """The block the source announced: one given by the program, or a new one."""
+        if self.given_blocks is None:
+            try:
+                return self.block_factory(name, size, self.page_size)
+            except (OSError, MemoryError, OverflowError) as exc:
+                raise LimitExceeded(
+                    f"cannot allocate block {name!r} of {size} bytes: {exc}"
+                ) from exc
+        block = self.given_blocks.get(name)
+        if block is None:
+            raise BlockMismatch(f"the source migrates block {name!r}, unknown here")
+        if block.size != size:
+            raise BlockMismatch(f"block {name!r} is {size} bytes at the source, {block.size} here")
+        return block
+
+    def _setup_blocks(self, announced: Sequence[tuple[str, int]]) -> None:
+        total = self._check_total(announced)
+        blocks: dict[str, RAMBlock] = {}
+        for name, size in announced:
+            block = self._block(name, size)
+            if not block.writable:
+                raise ConfigError(f"block {name!r} is read-only: cannot receive into it")
+            if block.page_size != self.page_size:
+                raise ConfigError(f"block {name!r} has page size {block.page_size}")
+            blocks[name] = block
+        self.blocks = blocks
+        self.state.set_blocks(blocks)
+        self.stats.start(total)
+
+    async def _finish(self) -> None:
+        """The main stream ended: drain the channels, hear out late handshakes, complete."""
+        self.state.completed = True
+        drain = self.options.drain_timeout
+        try:
+            with trio.fail_after(drain):
+                await self.state.wait_all_closed()
+        except trio.TooSlowError:
+            raise MigrationTimeout(
+                f"channels still open {drain} s after the end of the migration"
+            ) from None
+        # a connection still in its handshake may be an extra channel: hear it out first
+        with trio.move_on_after(self.options.handshake_timeout):
+            while self._handshakes:
+                await self._handshakes_done.wait()
+        await trio.sleep(0)  # let the accept loop take what is already in the backlog
+        self._accepting.cancel()
+        self._watching.cancel()
+        self.stats.finish("completed")
+        self.done.set()
+
+    async def aclose(self) -> None:
+        for io in self.ios:
+            await io.aclose()
+
+
+@asynccontextmanager
+async def open_destination(
+    accept: Accept,
+    options: DestinationOptions | None = None,
+    *,
+    blocks: Iterable[RAMBlock] | Mapping[str, RAMBlock] | None = None,
+    block_factory: BlockFactory = allocate_block,
+    **changes: Any,
+) -> AsyncIterator[Destination]:
+    """Accept a migration: the main channel and ``channels`` multifd channels, in any order.
+
+    Blocks come from ``blocks`` (names and sizes must match the source's) or are made by
+    ``block_factory(name, size, page_size)`` (default: zero-filled anonymous memory). The options
+    (:class:`DestinationOptions`) come as ``options``, as keywords, or both (keywords win):
+    ``uuid``, when given, must match every channel's. Leaving the block waits for the migration to
+    complete; ``await dst.wait()`` does the same and returns the stats.
+
+    Limits (each breach is a typed error naming it): ``connect_timeout`` for all connections to
+    arrive, ``handshake_timeout`` for each connection's first bytes, ``idle_timeout`` for a
+    channel that stops moving bytes (ChannelStalled; None: wait forever — the source must not
+    pause longer than this between rounds), ``drain_timeout`` for the channels to close at the
+    end, ``max_blocks`` and ``max_total_bytes`` for the RAM the source may announce
+    (LimitExceeded), ``max_device_state`` for the bytes after the RAM section.
+    """
+    opts = DestinationOptions.build(options, **changes)
+    given: dict[str, RAMBlock] | None = None
+    if blocks is not None:
+        given = dict(blocks) if isinstance(blocks, Mapping) else {b.name: b for b in blocks}
+    dst = Destination(accept, opts, blocks=given, block_factory=block_factory)
+    try:
+        with library_errors(dst.stats):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dst._watch, name="watchdog")
+                nursery.start_soon(dst._run, nursery)
+                yield dst
+    finally:
+        await dst.aclose()
+
+
+async def receive(accept: Accept, **options: Any) -> tuple[MigrationStats, dict[str, RAMBlock]]:
+    """Receive one whole migration; returns the stats and the blocks by name.
+
+    ``options``: a :class:`DestinationOptions` as ``options=``, its fields as keywords, and
+    ``blocks`` / ``block_factory`` as for :func:`open_destination`."""
+    async with open_destination(accept, **options) as dst:
+        await dst.wait()
+    return dst.stats, dst.blocks
+
+
+__all__ = [
+    "Accept",
+    "BlockFactory",
+    "Destination",
+    "allocate_block",
+    "open_destination",
+    "receive",
+]

@@ -1,0 +1,232 @@
+"""Every way received bytes reach a destination block, and the written-page bookkeeping.
+
+Four ways in:
+
+- a packet's pages scattered straight from the socket into the block's memory (nocomp), or
+  decoded by the method into it;
+- for a block with a file, a packet's pages gathered in the channel's bounce buffer and written
+  with pwrite (on the event loop while the page cache takes them fast, in a worker thread once
+  the file system throttles);
+- zero records of the main stream, filling pages (``fill_page`` / ``fill_pages``);
+- whole pages carried in the main stream (``put_page``).
+
+The bookkeeping: a block made ``known_zero`` tracks which pages were written (``RAMBlock.written``)
+so that a zero record for a page never written costs nothing (testing it would fault it in). The
+rule, found by the fuzzer: **a page counts as written only after its bytes landed**. Noted before
+an awaited receive, a zero record of the main channel landing meanwhile would clear the mark under
+data still arriving, and later zero records for that page would be skipped (a stale page). Here
+every path marks pages after their bytes are in place, in this module only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import trio
+
+from .errors import ProtocolError
+from .methods import MultiFDMethod, RecvContext
+from .ram import RAMBlock, nonzero_rows, zero_page
+from .transport import ChannelIO
+from .wire import MultiFDPacket
+
+#: Pages tested per step by ``fill_pages`` (a copy of this many pages at most).
+FILL_CHUNK = 1024
+#: INLINE_SLOW_WRITES writes in a row slower than INLINE_WRITE_LIMIT (seconds) move a channel's
+#: later page writes off the event loop. Into the page cache, a packet's pwrite takes ~0.1-0.3 ms,
+#: less than handing it to a worker thread and back (that hop cost ~30 % of a nocomp migration's
+#: time, measured); a file system that throttles (dirty-page limits, a slow disk) takes far
+#: longer. One slow write alone may be the process being descheduled, so it takes a few.
+INLINE_WRITE_LIMIT = 0.005
+INLINE_SLOW_WRITES = 3
+
+Spans = Sequence[tuple[int, int]]
+
+
+# --- the written-page bookkeeping and the main stream's records ----------------------------
+
+
+def mark_written(block: RAMBlock, offsets: Sequence[int]) -> None:
+    """The pages at ``offsets`` now hold the bytes that landed there (see the module's rule)."""
+    written = block.written
+    if written is not None:
+        ps = block.page_size
+        for off in offsets:
+            written[off // ps] = 1
+
+
+def fill_page(block: RAMBlock, offset: int, fill: int = 0) -> None:
+    """Make the page hold ``fill`` bytes (QEMU's ram_handle_compressed): a page already zero
+    is left untouched, so fresh anonymous memory is not faulted in."""
+    ps = block.page_size
+    written = block.written
+    if fill == 0:
+        if written is not None:
+            if written[offset // ps]:
+                block.host[offset : offset + ps] = zero_page(ps)
+                written[offset // ps] = 0
+        elif not block.is_zero_page(offset):
+            block.host[offset : offset + ps] = zero_page(ps)
+    else:
+        block.host[offset : offset + ps] = bytes((fill,)) * ps
+        mark_written(block, (offset,))
+
+
+def fill_pages(block: RAMBlock, offsets: np.ndarray[Any, Any], fills: np.ndarray[Any, Any]) -> None:
+    """``fill_page`` for many pages at once (``offsets`` valid page offsets of the block): the
+    zero pages are tested and written in C, a chunk of pages at a time."""
+    ps = block.page_size
+    idx = (offsets // ps).astype(np.intp)
+    other = fills != 0
+    if other.any():  # QEMU only sends fill 0; any other fill goes page by page
+        for off, fill in zip(offsets[other].tolist(), fills[other].tolist(), strict=True):
+            fill_page(block, off, fill)
+        idx = idx[~other]
+    if block.written is not None:
+        written = np.frombuffer(block.written, dtype=np.uint8)
+        dirty = idx[written[idx] != 0]  # only pages written before can be non-zero
+        written[dirty] = 0
+        del written
+        for off in (dirty * ps).tolist():
+            block.host[off : off + ps] = zero_page(ps)
+        return
+    words = block.page_words()
+    for i in range(0, len(idx), FILL_CHUNK):  # test a copy of at most FILL_CHUNK pages
+        chunk = idx[i : i + FILL_CHUNK]
+        words[chunk[nonzero_rows(words[chunk])]] = 0
+
+
+def put_page(block: RAMBlock, offset: int, data: bytes) -> None:
+    """A whole page carried in the main stream."""
+    block.host[offset : offset + block.page_size] = data
+    mark_written(block, (offset,))
+
+
+def write_spans(block: RAMBlock, spans: Spans, views: Sequence[memoryview]) -> None:
+    """Write ``views`` (one per span, of its length) at ``spans``: pwrite when the block has a
+    file, else a copy into the memory."""
+    fd = block.fd
+    for (start, end), view in zip(spans, views, strict=True):
+        if fd is None:
+            block.host[start:end] = view
+            continue
+        done = 0
+        while done < end - start:
+            done += os.pwrite(fd, view[done:], start + done)
+
+
+# --- a packet's pages, on one channel ------------------------------------------------------
+
+
+class PacketLanding:
+    """Where one receive channel lands its packets' pages: the block's memory, or this channel's
+    bounce buffer then the block's file. Also decides whether file writes stay on the loop."""
+
+    def __init__(
+        self,
+        io: ChannelIO,
+        method: MultiFDMethod,
+        ctx: RecvContext,
+        limiter: trio.CapacityLimiter,
+        max_bytes: int,
+    ) -> None:
+        self.io = io
+        self.method = method
+        self.ctx = ctx
+        self.limiter = limiter
+        self.max_bytes = max_bytes  # the largest packet's pages
+        self._payload = bytearray(0 if method.raw_payload else method.payload_size(max_bytes)[1])
+        self._bounce: bytearray | None = None  # pages bound for a file block (see _targets)
+        self.inline_writes = True  # see write_file
+        self._slow_writes = 0  # slow inline writes in a row
+
+    async def land(self, block: RAMBlock, packet: MultiFDPacket) -> None:
+        """Receive the packet's payload and put its pages in place, then mark them written;
+        zero pages of the packet are filled after."""
+        if packet.normal_pages:
+            spans = block.spans(packet.normal_offsets)
+            what = f"packet {packet.packet_num} payload"
+            if not self.method.raw_payload:
+                await self._decode(block, packet, spans, what)
+            elif block.fd is not None:  # the runs lie end to end in the bounce buffer
+                size = packet.normal_pages * block.page_size
+                runs = self._targets(block, spans)
+                await self.io.receive_into(memoryview(self._bounce or b"")[:size], what)
+                await self.write_file(block, spans, runs)
+            else:
+                await self.io.receive_into_views(self._targets(block, spans), what)
+            mark_written(block, packet.normal_offsets)  # only now: the module's rule
+        for off in packet.zero_offsets:
+            fill_page(block, off)
+
+    async def _decode(
+        self, block: RAMBlock, packet: MultiFDPacket, spans: Spans, what: str
+    ) -> None:
+        runs = self._targets(block, spans)
+        payload = memoryview(self._payload)[: packet.next_packet_size]
+        await self.io.receive_into(payload, what)
+        to_file = block.fd is not None
+
+        def decode() -> None:
+            self.ctx.recv_pages(payload, runs)
+            if to_file:
+                write_spans(block, spans, runs)
+
+        try:
+            await self._run(decode, self.method.threaded)
+        except ProtocolError as exc:
+            raise exc.located(channel=self.io.channel, packet_num=packet.packet_num) from None
+
+    async def _run(self, fn: Callable[[], None], threaded: bool) -> None:
+        if threaded:
+            await trio.to_thread.run_sync(fn, limiter=self.limiter)
+        else:
+            fn()
+
+    def _targets(self, block: RAMBlock, spans: Spans) -> list[memoryview]:
+        """Where the packet's pages land first: the block's memory itself, or for a block with a
+        file, this channel's bounce buffer (written to the file with pwrite afterwards)."""
+        if block.fd is None:
+            host = block.host
+            return [host[start:end] for start, end in spans]
+        if self._bounce is None:
+            self._bounce = bytearray(self.max_bytes)
+        bounce = memoryview(self._bounce)
+        views = []
+        pos = 0
+        for start, end in spans:
+            views.append(bounce[pos : pos + end - start])
+            pos += end - start
+        return views
+
+    async def write_file(self, block: RAMBlock, spans: Spans, views: list[memoryview]) -> None:
+        """Write a packet's pages (in ``views``) into the block's file: right here while the
+        page cache takes them quickly, in a worker thread once INLINE_SLOW_WRITES writes in a row
+        took longer than INLINE_WRITE_LIMIT (the file system throttles; the event loop must not
+        wait on it)."""
+        if not self.inline_writes:
+            await self._run(lambda: write_spans(block, spans, views), threaded=True)
+            return
+        t0 = time.perf_counter()
+        write_spans(block, spans, views)
+        if time.perf_counter() - t0 <= INLINE_WRITE_LIMIT:
+            self._slow_writes = 0
+        else:
+            self._slow_writes += 1
+            self.inline_writes = self._slow_writes < INLINE_SLOW_WRITES
+
+
+__all__ = [
+    "INLINE_SLOW_WRITES",
+    "INLINE_WRITE_LIMIT",
+    "PacketLanding",
+    "fill_page",
+    "fill_pages",
+    "mark_written",
+    "put_page",
+    "write_spans",
+]

@@ -1,0 +1,152 @@
+"""The options of each end of a migration: the one home of every default and its validation.
+
+``open_source``, ``open_destination``, ``migrate``, ``receive``, ``qemu_save``, ``qemu_restore`` and
+the ``multifd`` command all build one of these frozen objects and read their defaults from it;
+nothing else repeats a default. A bad value raises :class:`ConfigError` naming it when the
+object is made.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import KW_ONLY, dataclass, fields, replace
+from typing import Any, Self
+
+from .errors import ConfigError
+from .methods import MultiFDMethod
+from .registry import MethodRegistry, load_methods
+from .wire import MAX_CHANNELS, check_page_size, uuid_bytes
+
+#: The RAM a destination accepts by default (``max_total_bytes``, ``multifd recv --max-size``).
+DEFAULT_MAX_TOTAL_BYTES = 1 << 40
+
+
+def default_thread_limit() -> int:
+    """Worker threads for codec work: one per core."""
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EndOptions:
+    """What both ends have: channels, the method, the uuid, worker threads and timeouts."""
+
+    _: KW_ONLY
+    #: multifd channels (QEMU: multifd-channels), 1..MAX_CHANNELS.
+    channels: int = 2
+    #: compression: a method name, alias, value, or a method object (QEMU: multifd-compression).
+    method: str | int | MultiFDMethod = "none"
+    #: options for the method (``{"level": "3"}``); not with a method object.
+    method_options: Mapping[str, Any] | None = None
+    #: where methods are found by name (default: ``load_methods()``).
+    registry: MethodRegistry | None = None
+    #: the migration's uuid: the source sends it, a destination given one requires it.
+    uuid: str | bytes | None = None
+    #: worker threads for codec work (default: one per core).
+    thread_limit: int | None = None
+    #: seconds for the connections to be made (source: each; destination: all of them).
+    connect_timeout: float = 30.0
+    #: seconds a channel may move no byte while the peer owes some (None: wait forever).
+    idle_timeout: float | None = 60.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise ConfigError(f"channel count {self.channels} outside 1..{MAX_CHANNELS}")
+        if self.thread_limit is not None and self.thread_limit < 1:
+            raise ConfigError(f"thread_limit must be >= 1, not {self.thread_limit}")
+        if isinstance(self.method, MultiFDMethod) and self.method_options:
+            raise ConfigError("options go to the method object itself")
+        for f in fields(self):
+            if f.name.endswith("_timeout"):
+                value = getattr(self, f.name)
+                if value is not None and not value > 0:
+                    raise ConfigError(f"{f.name} must be > 0 (or None), not {value}")
+
+    @classmethod
+    def build(cls, options: Self | None = None, /, **changes: Any) -> Self:
+        """``options`` (default: the defaults) with ``changes``; an unknown name is refused."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {', '.join(unknown)} for {cls.__name__} "
+                f"(known: {', '.join(sorted(names - {'_'}))})"
+            )
+        if options is None:
+            return cls(**changes)
+        return replace(options, **changes) if changes else options
+
+    def resolve_method(self) -> MultiFDMethod:
+        """The method object: ``method`` itself, or made from the registry by name/value."""
+        if isinstance(self.method, MultiFDMethod):
+            return self.method
+        reg = self.registry if self.registry is not None else load_methods()
+        return reg.create(self.method, **dict(self.method_options or {}))
+
+    @property
+    def uuid_bytes(self) -> bytes | None:
+        return None if self.uuid is None else uuid_bytes(self.uuid)
+
+    @property
+    def threads(self) -> int:
+        return self.thread_limit or default_thread_limit()
+
+
+@dataclass(frozen=True)
+class SourceOptions(EndOptions):
+    """The sending end (``open_source``, ``migrate``, ``qemu_restore``)."""
+
+    _: KW_ONLY
+    #: the machine type announced in the configuration section (QEMU checks it).
+    machine_type: str = "pc-q35-7.2"
+    #: JSON bytes sent after EOF, where QEMU puts its vmdesc.
+    description: bytes | None = None
+    #: the RAM section's id in the main stream.
+    section_id: int = 2
+    #: when given, replaces EOF: the bytes QEMU sends after its RAM section (device state).
+    device_state: bytes | None = None
+
+
+@dataclass(frozen=True)
+class DestinationOptions(EndOptions):
+    """The receiving end (``open_destination``, ``receive``, ``qemu_save``)."""
+
+    _: KW_ONLY
+    #: the page size of the blocks (the source's must match).
+    page_size: int = 4096
+    #: seconds for each connection's first bytes (and its TLS handshake).
+    handshake_timeout: float = 10.0
+    #: seconds for the channels to close after the end of the migration.
+    drain_timeout: float = 30.0
+    #: bytes of device state (after the RAM section) kept at most (None: no limit).
+    max_device_state: int | None = 64 * 1024 * 1024
+    #: RAM blocks the source may announce.
+    max_blocks: int = 4096
+    #: bytes of RAM the source may announce (None: no limit).
+    max_total_bytes: int | None = DEFAULT_MAX_TOTAL_BYTES
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_page_size(self.page_size)
+        for name in ("max_blocks", "max_total_bytes", "max_device_state"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must be >= 0, not {value}")
+
+
+#: ``qemu_save`` and ``multifd qemu-save``: a destination waiting for a person to start QEMU's
+#: migration, so it waits longer for the connections.
+QEMU_SAVE_DEFAULTS = DestinationOptions(connect_timeout=120.0)
+#: ``multifd recv``: waits for its ``multifd send``, started by hand, longer than an embedder.
+RECV_DEFAULTS = DestinationOptions(connect_timeout=60.0)
+
+
+__all__ = [
+    "DEFAULT_MAX_TOTAL_BYTES",
+    "QEMU_SAVE_DEFAULTS",
+    "RECV_DEFAULTS",
+    "DestinationOptions",
+    "EndOptions",
+    "SourceOptions",
+    "default_thread_limit",
+]

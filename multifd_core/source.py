@@ -1,0 +1,277 @@
+"""The sending end of a migration: connections, the round loop, and the main channel.
+
+``open_source`` is an async context manager for embedding in a trio program; ``migrate`` runs a
+whole migration in one call. Everything a migration starts (channel tasks, sockets, worker-thread
+jobs) lives inside the context; any failure ends all of it and surfaces as one exception of this
+library (``multifd_core.errors``), never as a raw ExceptionGroup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from . import mainstream as ms
+from . import scan
+from .boundary import library_errors
+from .errors import ChannelError, ConfigError, MigrationTimeout
+from .methods import MultiFDMethod
+from .options import SourceOptions
+from .ram import RAMBlock
+from .send import MultiFDSendChannel, MultiFDSendState
+from .stats import MigrationStats
+from .transport import ChannelIO, Connector
+from .watchdog import watchdog
+from .wire import MultiFDInit, pages_per_packet, uuid_bytes
+
+#: Main-channel bytes buffered before they are written out mid-round.
+MAIN_FLUSH_BYTES = 256 * 1024
+
+
+class Source:
+    """The sending end. Made by :func:`open_source`; not constructed directly."""
+
+    def __init__(
+        self, blocks: Sequence[RAMBlock], connect: Connector, options: SourceOptions
+    ) -> None:
+        if not blocks:
+            raise ConfigError("nothing to migrate: no blocks")
+        names = [b.name for b in blocks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"duplicate block names in {names}")
+        if len({b.page_size for b in blocks}) != 1:
+            raise ConfigError("all blocks of a migration must have the same page size")
+        self.blocks = list(blocks)
+        self.options = options
+        self.connect = connect
+        self.num_channels = options.channels
+        self.method: MultiFDMethod = options.resolve_method()
+        self.uuid = uuid_bytes(options.uuid)
+        self.page_size = self.blocks[0].page_size
+        self.pages_per_packet = pages_per_packet(self.page_size)
+        self.stats = MigrationStats("source", options.channels, self.method.name, self.page_size)
+        self.writer = ms.MainStreamWriter(
+            machine_type=options.machine_type,
+            section_id=options.section_id,
+            page_size=self.page_size,
+        )
+        self.limiter = trio.CapacityLimiter(options.threads)
+        self.ios: list[ChannelIO] = []
+        self.channels: list[MultiFDSendChannel] = []
+        self.main: ChannelIO | None = None
+        self.state: MultiFDSendState | None = None
+        self.completed = False
+        self._busy = False
+
+    async def _connect(self, channel: int | None) -> ChannelIO:
+        name = "main channel" if channel is None else f"channel {channel}"
+        timeout = self.options.connect_timeout
+        try:
+            with trio.fail_after(timeout):
+                stream = await self.connect()
+        except trio.TooSlowError:
+            raise MigrationTimeout(f"cannot connect the {name} within {timeout} s") from None
+        except OSError as exc:
+            raise ChannelError(f"cannot connect the {name}: {exc}", channel=channel) from exc
+        except ChannelError as exc:  # from the connector itself (TLS): say which channel
+            exc.channel = channel
+            raise
+        io = ChannelIO(stream, channel)
+        self.ios.append(io)
+        return io
+
+    async def _setup(self, nursery: trio.Nursery) -> None:
+        self.main = await self._connect(None)
+        chans = self.channels
+        for i in range(self.num_channels):
+            io = await self._connect(i)
+            await io.send_all(MultiFDInit(i, self.uuid).encode())  # QEMU reads it at accept
+            chans.append(
+                MultiFDSendChannel(
+                    i,
+                    io,
+                    self.method,
+                    self.method.send_setup(i),
+                    self.pages_per_packet,
+                    self.stats,
+                    self.limiter,
+                )
+            )
+        self.state = MultiFDSendState(chans, self.pages_per_packet)
+        self.state.start(nursery)
+        self.stats.start(sum(b.size for b in self.blocks))
+        w = self.writer
+        w.header()
+        w.ram_setup([(b.name, b.size) for b in self.blocks])
+        await self._flush_main()
+        for b in self.blocks:
+            b.mark_all_dirty()  # the first round sends every page
+        await self.state.send_sync_main()  # the setup's sync: not a round
+        w.eos()
+        await self._flush_main()
+
+    async def _send_main(self, data: bytes) -> None:
+        assert self.main is not None
+        if data:
+            await self.main.send_all(data)
+            self.stats.add_main_bytes(len(data))
+
+    async def _flush_main(self) -> None:
+        await self._send_main(self.writer.take())
+
+    def dirty_pages(self) -> int:
+        """Pages marked dirty and not yet sent."""
+        return sum(b.dirty_count() for b in self.blocks)
+
+    async def send_round(self) -> int:
+        """Send every page dirtied since the last round (all pages the first time), then sync.
+
+        Returns the number of pages sent. Call ``complete()`` for the last round.
+        """
+        return await self._round(last=False)
+
+    async def complete(self) -> MigrationStats:
+        """The last round: remaining dirty pages, the end section, EOF; then close the channels."""
+        await self._round(last=True)
+        assert self.state is not None
+        await self.state.quit()
+        await self.aclose()  # the end of every stream tells the destination we are done
+        self.completed = True
+        self.stats.finish("completed")
+        return self.stats
+
+    async def _round(self, *, last: bool) -> int:
+        if self.completed:
+            raise ConfigError("the migration has already completed")
+        if self._busy:
+            raise ConfigError("a round is already running")
+        self._busy = True
+        try:
+            return await self._send_dirty(last)
+        finally:
+            self._busy = False
+
+    @staticmethod
+    def _release(nursery: trio.Nursery, block: RAMBlock, pages: tuple[int, int]) -> None:
+        """Let ``block`` drop a window of sent pages, in a worker thread: unmapping 64 MiB
+        costs ~6 ms (a file mapping), which the event loop would spend instead of sending."""
+        ps = block.page_size
+        nursery.start_soon(trio.to_thread.run_sync, block.release, pages[0] * ps, pages[1] * ps)
+
+    async def _send_block(self, block: RAMBlock) -> int:
+        """Queue the dirty pages of ``block``: zero records on the main channel, the others in
+        packets. Returns the number of pages."""
+        state = self.state
+        assert state is not None
+        w = self.writer
+        await state.set_block(block)  # QEMU cuts a packet when the block changes
+        bitmap = block.sync_dirty_bitmap()
+        ps = block.page_size
+        sent = 0
+        # no per-page Python: a worker thread classifies the next window of dirty pages (numpy)
+        # while this one's zero records are written and its packets sent
+        windows_send, windows = trio.open_memory_channel[scan.Window](scan.AHEAD)
+        done: tuple[int, int] | None = None
+        async with trio.open_nursery() as scanning, windows:
+            scanning.start_soon(scan.produce_windows, block, bitmap, windows_send)
+            async for start, stop, normal, zero in windows:
+                if len(zero):
+                    w.zero_pages(block.name, zero * ps)
+                    self.stats.add_zero_pages(len(zero))
+                    if w.pending() >= MAIN_FLUSH_BYTES:
+                        await self._flush_main()
+                sent += len(zero) + len(normal)
+                await state.queue_pages((normal * ps).tolist())
+                if done is not None:  # the window before is on its way: let it go
+                    self._release(scanning, block, done)
+                done = (start, stop)
+            if done is not None:
+                self._release(scanning, block, done)
+        return sent
+
+    async def _send_dirty(self, last: bool) -> int:
+        state = self.state
+        assert state is not None
+        w = self.writer
+        if last:
+            w.section_end()
+        else:
+            w.section_part()
+        sent = 0
+        for block in self.blocks:
+            sent += await self._send_block(block)
+        await state.send_sync_main()
+        w.eos()
+        device_state = self.options.device_state
+        if last and device_state is None:
+            w.eof()
+            if self.options.description is not None:
+                w.vmdesc(self.options.description)
+        await self._flush_main()
+        if last and device_state is not None:
+            # QEMU's device sections, EOF and vmdesc, as saved: the rest of the stream
+            await self._send_main(device_state)
+        self.stats.round_done()
+        return sent
+
+    async def aclose(self) -> None:
+        for ch in self.channels:  # channels whose task never started
+            ch.cleanup()
+        for io in self.ios:
+            await io.aclose()
+
+
+@asynccontextmanager
+async def open_source(
+    blocks: Iterable[RAMBlock],
+    connect: Connector,
+    options: SourceOptions | None = None,
+    **changes: Any,
+) -> AsyncIterator[Source]:
+    """Connect to a destination and set up a migration of ``blocks``.
+
+    ``connect`` is called once for the main channel, then once per multifd channel. Inside the
+    block, call ``send_round()`` any number of times (marking pages dirty between rounds), then
+    ``complete()``. Leaving the block without ``complete()`` cancels the migration.
+
+    The options (:class:`SourceOptions`: ``channels``, ``method``, ``method_options``, ``uuid``,
+    ``machine_type``, ``connect_timeout``, ``idle_timeout``, ``description``, ``device_state``,
+    ...) come as ``options``, as keywords, or both (keywords win). ``connect_timeout`` bounds each
+    connection; ``idle_timeout`` fails the migration with ChannelStalled when a send makes no
+    progress that long (a stalled destination or link; None: wait forever).
+    """
+    src = Source(list(blocks), connect, SourceOptions.build(options, **changes))
+    idle_timeout = src.options.idle_timeout
+    try:
+        with library_errors(src.stats):
+            async with trio.open_nursery() as nursery:
+                if idle_timeout is not None:
+                    nursery.start_soon(watchdog, src.ios, idle_timeout, name="watchdog")
+                await src._setup(nursery)
+                yield src
+                if not src.completed:
+                    src.stats.finish("cancelled")
+                nursery.cancel_scope.cancel()  # the watchdog, or everything when cancelled
+    finally:
+        await src.aclose()
+
+
+async def migrate(
+    blocks: Iterable[RAMBlock], connect: Connector, *, rounds: int = 1, **options: Any
+) -> MigrationStats:
+    """Migrate ``blocks`` in ``rounds`` rounds (the last one completes); returns the stats.
+
+    ``options``: a :class:`SourceOptions` as ``options=`` and/or its fields as keywords."""
+    if rounds < 1:
+        raise ConfigError("rounds must be >= 1")
+    async with open_source(blocks, connect, **options) as src:
+        for _ in range(rounds - 1):
+            await src.send_round()
+        return await src.complete()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+__all__ = ["MAIN_FLUSH_BYTES", "Source", "migrate", "open_source"]
