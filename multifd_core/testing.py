@@ -170,7 +170,9 @@ class _OtherMethod(MultiFDMethod):
 
 
 def _other_method(value: int) -> MultiFDMethod:
-    cls = type("OtherMethod", (_OtherMethod,), {"value": 7 if value != 7 else 6})
+    cls: type[MultiFDMethod] = type(
+        "OtherMethod", (_OtherMethod,), {"value": 7 if value != 7 else 6}
+    )
     return cls()
 
 
