@@ -6,7 +6,7 @@ from .destination import Destination, open_destination, receive
 from .errors import *  # noqa: F403
 from .errors import MultiFDError
 from .hookspecs import hookimpl
-from .methods import Buffer, MultiFDMethod, RecvContext, SendContext
+from .methods import Buffer, MultiFDMethod, RecvContext, SendContext, scatter
 from .options import DestinationOptions, SourceOptions
 from .ram import RAMBlock
 from .registry import MethodInfo, MethodRegistry, load_methods
@@ -36,6 +36,7 @@ __all__ = [
     "open_destination",
     "open_source",
     "receive",
+    "scatter",
     "MemoryNetwork",
     "MethodInfo",
     "MethodRegistry",

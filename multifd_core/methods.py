@@ -17,6 +17,23 @@ from .errors import ConfigError
 Buffer = bytes | bytearray | memoryview
 
 
+def scatter(data: Buffer, pages: Sequence[memoryview]) -> None:
+    """Copy ``data`` into ``pages`` in order, each filled exactly (memoryview copies in C).
+
+    The tail of ``recv_pages`` for a codec that decodes a packet into one buffer; the caller has
+    checked that ``len(data)`` is the pages' total length.
+    """
+    if len(pages) == 1:
+        pages[0][:] = data
+        return
+    view = memoryview(data)
+    pos = 0
+    for page in pages:
+        end = pos + len(page)
+        page[:] = view[pos:end]
+        pos = end
+
+
 class SendContext:
     """Per-channel send state (QEMU: MultiFDSendParams.data). May run in a worker thread."""
 
@@ -87,4 +104,4 @@ class MultiFDMethod(ABC):
         return self.value << 1
 
 
-__all__ = ["Buffer", "MultiFDMethod", "RecvContext", "SendContext"]
+__all__ = ["Buffer", "MultiFDMethod", "RecvContext", "SendContext", "scatter"]

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 from .errors import DecompressionError
 from .hookspecs import hookimpl
-from .methods import Buffer, MultiFDMethod, RecvContext, SendContext
+from .methods import Buffer, MultiFDMethod, RecvContext, SendContext, scatter
 
 
 class NocompSend(SendContext):
@@ -24,11 +24,7 @@ class NocompRecv(RecvContext):
         expected = sum(len(p) for p in pages)
         if len(payload) != expected:
             raise DecompressionError(f"payload is {len(payload)} bytes, pages need {expected}")
-        pos = 0
-        for page in pages:
-            end = pos + len(page)
-            page[:] = payload[pos:end]
-            pos = end
+        scatter(payload, pages)
 
 
 class Nocomp(MultiFDMethod):
