@@ -8,9 +8,7 @@ qemu-restore) and ``plugins``, each imported only when its command runs.
 
 from __future__ import annotations
 
-from typing import Any
-
-from .dispatch import COMMANDS, command_handler, main
+from .dispatch import main
 from .output import Progress, human
 from .parser import build_parser, parse_address, parse_options, parse_size, parse_timeout
 
@@ -24,11 +22,3 @@ __all__ = [
     "parse_size",
     "parse_timeout",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """``cmd_demo``, ``cmd_send``, ...: each from its command's module, imported on first use."""
-    command = name.removeprefix("cmd_").replace("_", "-")
-    if name.startswith("cmd_") and command in COMMANDS:
-        return command_handler(command)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,16 +27,19 @@ COMMANDS = {
     "plugins": "plugins",
 }
 
+#: ``cmd_plugins`` returns its result, the others are async (run by trio).
+Handler = Callable[[argparse.Namespace], Any]
 
-def command_handler(command: str) -> Callable[[argparse.Namespace], Any]:
+
+def _handler(command: str) -> Handler:
+    """The command's ``cmd_*`` function, its module imported now."""
     module = importlib.import_module(f"{__package__}.{COMMANDS[command]}")
-    return cast(
-        Callable[[argparse.Namespace], Any], getattr(module, "cmd_" + command.replace("-", "_"))
-    )
+    handler: Handler = getattr(module, "cmd_" + command.replace("-", "_"))
+    return handler
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    handler = command_handler(args.command)
+    handler = _handler(args.command)
     if args.command == "plugins":
         return cast(dict[str, Any], handler(args))
     if args.channels < 1:

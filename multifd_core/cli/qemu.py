@@ -1,18 +1,18 @@
 """``multifd qemu-save`` and ``multifd qemu-restore``: a real QEMU's peer, to snapshot its
-memory into a directory and to send it back."""
+memory into a directory and to send it back. Like every command module, imported only when
+its command runs."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from ..qemu import qemu_restore, qemu_save
 from .ends import acceptor, connector, destination_options, source_options, write_ready_file
 from .output import summary
 
 
 async def cmd_qemu_save(args: argparse.Namespace) -> dict[str, Any]:
-    from ..qemu import qemu_save
-
     async with await acceptor(args.listen) as accept:
         write_ready_file(args, accept)
         result = await qemu_save(accept, args.output, **destination_options(args, page_size=False))
@@ -36,8 +36,6 @@ async def cmd_qemu_save(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_qemu_restore(args: argparse.Namespace) -> dict[str, Any]:
-    from ..qemu import qemu_restore
-
     stats = await qemu_restore(args.directory, connector(args.connect), **source_options(args))
     if not args.json:
         print(summary("qemu-restore", stats))
