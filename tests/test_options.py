@@ -113,3 +113,26 @@ async def test_a_misspelt_option_fails_before_connecting() -> None:
         async with open_source([RAMBlock("ram", bytearray(4096))], connect, idle_timout=3):
             pass
     assert not calls
+
+
+@pytest.mark.parametrize(
+    ("argv", "preset"),
+    [
+        (["recv", "--listen", "127.0.0.1:0", "--output", "out"], RECV_DEFAULTS),
+        (["qemu-save", "--listen", "127.0.0.1:0", "--output", "out"], QEMU_SAVE_DEFAULTS),
+        (["demo"], DestinationOptions()),
+    ],
+)
+def test_the_command_line_defaults_are_the_options_defaults(
+    argv: list[str], preset: DestinationOptions
+) -> None:
+    """Without options on the command line, each command's ends are exactly the presets."""
+    from multifd_core.cli.ends import destination_options, source_options
+    from multifd_core.cli.parser import build_parser
+
+    args = build_parser().parse_args(argv)
+    dst = destination_options(args, preset)
+    assert dst.registry is not None
+    assert dataclasses.replace(dst, registry=None, method_options=None) == preset
+    src = source_options(args)
+    assert dataclasses.replace(src, registry=None, method_options=None) == SourceOptions()

@@ -1,0 +1,24 @@
+"""The ``multifd`` command: demo, send, recv, qemu-save, qemu-restore, plugins.
+
+``parser`` reads the command line, ``dispatch`` runs a command, ``output`` prints what it did,
+``ends`` makes each end of a migration from the options (keywords, connectors, TLS); the
+commands themselves live in ``demo``, ``files`` (send, recv), ``qemu`` (qemu-save,
+qemu-restore) and ``plugins``, each imported only when its command runs.
+"""
+
+from __future__ import annotations
+
+from .dispatch import main
+from .output import Progress, human
+from .parser import build_parser, parse_address, parse_options, parse_size, parse_timeout
+
+__all__ = [
+    "Progress",
+    "build_parser",
+    "human",
+    "main",
+    "parse_address",
+    "parse_options",
+    "parse_size",
+    "parse_timeout",
+]

@@ -1,0 +1,65 @@
+"""Run one ``multifd`` command: parse, check, run its handler, report the result or the error."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import trio
+
+from ..boundary import library_errors
+from ..errors import ConfigError, MultiFDError
+from ..malloc import tune_malloc
+from .output import failed, print_json
+from .parser import build_parser
+
+#: Each command's module in this package; its handler is ``cmd_<command>`` (``-`` as ``_``),
+#: imported only when the command runs (``multifd --help`` loads none of them).
+COMMANDS = {
+    "demo": "demo",
+    "send": "files",
+    "recv": "files",
+    "qemu-save": "qemu",
+    "qemu-restore": "qemu",
+    "plugins": "plugins",
+}
+
+#: ``cmd_plugins`` returns its result, the others are async (run by trio).
+Handler = Callable[[argparse.Namespace], Any]
+
+
+def _handler(command: str) -> Handler:
+    """The command's ``cmd_*`` function, its module imported now."""
+    module = importlib.import_module(f"{__package__}.{COMMANDS[command]}")
+    handler: Handler = getattr(module, "cmd_" + command.replace("-", "_"))
+    return handler
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    handler = _handler(args.command)
+    if args.command == "plugins":
+        return cast(dict[str, Any], handler(args))
+    if args.channels < 1:
+        raise ConfigError("--channels must be at least 1")
+    if getattr(args, "rounds", 1) < 1:
+        raise ConfigError("--rounds must be at least 1")
+    tune_malloc()
+    with library_errors():  # demo runs both ends in one nursery: unwrap its group
+        return cast(dict[str, Any], trio.run(handler, args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "progress", None) is None and hasattr(args, "progress"):
+        args.progress = sys.stderr.isatty()
+    try:
+        out = _run(args)
+    except (MultiFDError, OSError, KeyboardInterrupt) as exc:
+        return failed(args.command, exc)
+    if args.json:
+        print_json(out)
+    return 0

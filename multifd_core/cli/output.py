@@ -1,0 +1,103 @@
+"""What the commands print: the human summary, ``--json``, the progress bar, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from ..errors import MultiFDError
+from ..stats import MigrationStats
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when stderr is a terminal, or forced)."""
+
+    def __init__(self, enabled: bool, label: str) -> None:
+        self.enabled = enabled
+        self.label = label
+        self.shown = False
+
+    def show(self, stats: MigrationStats, planned: int) -> None:
+        if not self.enabled:
+            return
+        done = stats.normal_pages + stats.zero_pages
+        frac = min(1.0, done / planned) if planned else 0.0
+        width = 30
+        bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+        rate = human(stats.throughput) + "/s"
+        sys.stderr.write(
+            f"\r{self.label} [{bar}] {frac * 100:5.1f}%  round {stats.rounds}  "
+            f"{human(stats.wire_bytes)} on the wire  {rate}   "
+        )
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    @asynccontextmanager
+    async def running(self, stats: MigrationStats, planned: list[int]) -> AsyncIterator[None]:
+        """Redraw the bar every 0.2 s while the body runs (``planned[0]``: pages to send)."""
+        async with trio.open_nursery() as bar:
+            bar.start_soon(self._loop, stats, planned)
+            yield
+            bar.cancel_scope.cancel()
+
+    def finish(self, stats: MigrationStats, planned: int) -> None:
+        """The bar's last state, then its line ends."""
+        self.show(stats, planned)
+        self.close()
+
+    async def _loop(self, stats: MigrationStats, planned: list[int]) -> None:
+        while True:
+            self.show(stats, planned[0])
+            await trio.sleep(0.2)
+
+
+def summary(title: str, stats: MigrationStats, extra: dict[str, Any] | None = None) -> str:
+    lines = [
+        f"{title}: {stats.status}",
+        f"  blocks total      {human(stats.total_bytes)}",
+        f"  pages             {stats.normal_pages} normal, {stats.zero_pages} zero"
+        + (f", {stats.inline_pages} inline" if stats.inline_pages else ""),
+        f"  packets           {stats.packets} on {stats.channels} channel(s), "
+        f"{stats.rounds} sync rounds",
+        f"  wire bytes        {human(stats.wire_bytes)} (main {human(stats.main_bytes)}, "
+        f"multifd {human(stats.multifd_bytes)})",
+        f"  compression       {stats.method}, ratio {stats.compression_ratio:.2f}",
+        f"  time              {stats.seconds:.3f} s",
+        f"  throughput        {human(stats.throughput)}/s of page data",
+    ]
+    for key, value in (extra or {}).items():
+        lines.append(f"  {key:<17} {value}")
+    return "\n".join(lines)
+
+
+def print_json(out: dict[str, Any]) -> None:
+    """``--json``: the command's result as one JSON object on stdout."""
+    print(json.dumps(out))
+
+
+def failed(command: str, exc: BaseException) -> int:
+    """Report a failed command on one line of stderr; return its exit status."""
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"multifd {command}: interrupted", file=sys.stderr)
+        return 130
+    detail = f"{type(exc).__name__}: {exc}" if isinstance(exc, MultiFDError) else str(exc)
+    print(f"multifd {command}: error: {detail}", file=sys.stderr)
+    return 1

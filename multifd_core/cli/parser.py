@@ -1,0 +1,214 @@
+"""The ``multifd`` command line: every subcommand, its options, their types and defaults."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from .. import __version__
+from ..errors import ConfigError
+from ..options import (
+    DEFAULT_MAX_TOTAL_BYTES,
+    QEMU_SAVE_DEFAULTS,
+    RECV_DEFAULTS,
+    DestinationOptions,
+    EndOptions,
+)
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in _UNITS and t[-1:] else ""
+    try:
+        value = float(t[: len(t) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad size {text!r} (examples: 4096, 64K, 256M, 1G)"
+        ) from None
+    if value <= 0 or value != int(value):
+        raise argparse.ArgumentTypeError(f"bad size {text!r}")
+    return int(value)
+
+
+def size_text(value: int) -> str:
+    """``value`` in the largest unit that divides it exactly (parse_size's inverse: 1T)."""
+    for unit, scale in sorted(_UNITS.items(), key=lambda item: -item[1]):
+        if unit and value % scale == 0:
+            return f"{value // scale}{unit}"
+    return str(value)
+
+
+def parse_address(text: str) -> tuple[str, Any]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``unix:PATH``."""
+    if text.startswith("unix:"):
+        return "unix", text[5:]
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"bad address {text!r}: want HOST:PORT or unix:PATH")
+    return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
+
+
+def parse_options(items: Sequence[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"method option {item!r} is not KEY=VALUE")
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def parse_timeout(text: str) -> float | None:
+    """Seconds > 0, or 0 / "none" for no timeout."""
+    if text.strip().lower() in ("0", "none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a timeout must be > 0 seconds: {text!r}")
+    return value
+
+
+def _allow_methods(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-method",
+        action="append",
+        metavar="NAME",
+        help="use only these compression methods, refuse the others (repeatable)",
+    )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--channels",
+        type=int,
+        default=EndOptions.channels,
+        help=f"multifd channels (default {EndOptions.channels})",
+    )
+    p.add_argument(
+        "--compression", default=EndOptions.method, help="method name (see `multifd plugins`)"
+    )
+    _allow_methods(p)
+    p.add_argument(
+        "--idle-timeout",
+        type=parse_timeout,
+        default=EndOptions.idle_timeout,
+        metavar="SECONDS",
+        help=f"fail when a channel moves no bytes this long (default {EndOptions.idle_timeout:g}; "
+        "0: never)",
+    )
+    p.add_argument(
+        "-o",
+        "--method-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="option for the compression method, e.g. level=3 (repeatable)",
+    )
+    p.add_argument(
+        "--page-size", type=parse_size, default=DestinationOptions.page_size, help=argparse.SUPPRESS
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
+
+
+def _tls_options(p: argparse.ArgumentParser, *, server: bool) -> None:
+    g = p.add_argument_group("TLS (every channel; implied by any --tls-* option)")
+    g.add_argument("--tls", action="store_true", help="use TLS")
+    if server:
+        g.add_argument("--tls-cert", metavar="FILE", help="this server's certificate (PEM)")
+        g.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+        g.add_argument(
+            "--tls-client-ca",
+            metavar="FILE",
+            help="require client certificates signed by this CA (PEM): mutual TLS",
+        )
+    else:
+        g.add_argument(
+            "--tls-ca", metavar="FILE", help="CA to verify the server with (default: system's)"
+        )
+        g.add_argument(
+            "--tls-hostname",
+            metavar="NAME",
+            help="name the server's certificate must carry (default: the host connected to)",
+        )
+        g.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM), for mTLS")
+        g.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+
+
+def _listening(p: argparse.ArgumentParser, *, timeout: float, waits_for: str) -> None:
+    """The options of a receiving end (recv, qemu-save)."""
+    p.add_argument("--listen", type=parse_address, required=True, metavar="HOST:PORT")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--uuid", default=None, help="refuse channels with another uuid")
+    p.add_argument(
+        "--timeout", type=float, default=timeout, help=f"seconds to wait for {waits_for}"
+    )
+    p.add_argument("--ready-file", help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multifd", description="QEMU-compatible multifd memory migration"
+    )
+    parser.add_argument("--version", action="version", version=f"multifd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="migrate a generated VM-like image over loopback and verify")
+    _common(p)
+    p.add_argument("--size", type=parse_size, default=parse_size("256M"))
+    p.add_argument("--rounds", type=int, default=3, help="precopy rounds (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("send", help="migrate files (one block each) to a `multifd recv`")
+    _common(p)
+    p.add_argument("--connect", type=parse_address, required=True, metavar="HOST:PORT")
+    p.add_argument("--uuid", default=None)
+    p.add_argument("files", nargs="+")
+    _tls_options(p, server=False)
+
+    p = sub.add_parser("recv", help="receive files from a `multifd send`")
+    _common(p)
+    _listening(p, timeout=RECV_DEFAULTS.connect_timeout, waits_for="connections")
+    _tls_options(p, server=True)
+    p.add_argument(
+        "--max-size",
+        type=parse_size,
+        default=DEFAULT_MAX_TOTAL_BYTES,
+        metavar="SIZE",
+        help="refuse a source announcing more bytes than this in all "
+        f"(default {size_text(DEFAULT_MAX_TOTAL_BYTES)})",
+    )
+
+    p = sub.add_parser(
+        "qemu-save", help="be the destination of a QEMU migration; save its memory to DIR"
+    )
+    _common(p)
+    _listening(p, timeout=QEMU_SAVE_DEFAULTS.connect_timeout, waits_for="QEMU")
+
+    p = sub.add_parser(
+        "qemu-restore", help="be the source for a QEMU destination started with -incoming"
+    )
+    _common(p)
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--connect", type=parse_address, required=True, metavar="HOST:PORT")
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check every file's sha256 against the manifest first (default on)",
+    )
+
+    p = sub.add_parser("plugins", help="list the installed compression methods")
+    p.add_argument("--json", action="store_true")
+    _allow_methods(p)
+    return parser
