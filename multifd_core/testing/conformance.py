@@ -1,0 +1,278 @@
+"""Conformance kit for compression plugins.
+
+A plugin's own tests subclass :class:`MethodConformance` and say how to make their method::
+
+    from multifd_core.testing import MethodConformance
+
+    class TestMyMethod(MethodConformance):
+        def make_method(self):
+            return MyMethod(level=3)
+
+pytest then runs every ``test_*`` below against it: round trips of whole migrations through real
+channels (TCP loopback and memory streams) over several rounds, per-channel state independence,
+payload size bounds, bounded decompression (a payload that inflates past the packet's pages),
+truncated, corrupt and over-long payloads, and packets with another method's flags. The tests are
+plain synchronous functions (each runs its own ``trio.run``), so no pytest plugin is needed.
+Nothing here knows any particular method. :mod:`multifd_core.testing.plugin_checks` has the
+checks of an installed plugin (registration, stream history, the engine by name).
+"""
+
+from __future__ import annotations
+
+import random
+import tracemalloc
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+
+from .. import MultiFDMethod, RAMBlock, RecvContext, SendContext
+from ..errors import CompressionMismatch, DecompressionError, MultiFDError
+from ..image import vm_like_image
+from ..nocomp import NocompRecv, NocompSend
+from ..stats import MigrationStats
+from .harness import run_loopback
+from .pages import PAGE, Guarded, dirty_blocks, join, prepare, sample_pages
+
+
+class _OtherMethod(MultiFDMethod):
+    """An identity method on some other value, to send packets with the wrong flags."""
+
+    name = "conformance-other"
+    value = 7
+    threaded = False
+
+    def send_setup(self, channel: int) -> SendContext:
+        return NocompSend()
+
+    def recv_setup(self, channel: int) -> RecvContext:
+        return NocompRecv()
+
+
+def _other_method(value: int) -> MultiFDMethod:
+    cls: type[MultiFDMethod] = type(
+        "OtherMethod", (_OtherMethod,), {"value": 7 if value != 7 else 6}
+    )
+    return cls()
+
+
+async def migrate_pair(
+    src_method: MultiFDMethod,
+    dst_method: MultiFDMethod,
+    *,
+    channels: int = 2,
+    size: int = 3 << 20,
+    rounds: int = 3,
+    tcp: bool = True,
+    seed: int = 1,
+) -> tuple[bytes, bytes]:
+    """Migrate a VM-like image, changing pages between rounds; return (source, destination).
+
+    Raises the destination's error (else the source's) when the migration fails."""
+    block = RAMBlock("pc.ram", vm_like_image(size, PAGE, seed))
+    rng = random.Random(seed)
+    run = await run_loopback(
+        [block],
+        transport="tcp" if tcp else "memory",
+        rounds=rounds,
+        between_rounds=lambda r, _: dirty_blocks([block], 64, rng, r),
+        source={"channels": channels, "method": src_method},
+        destination={"channels": channels, "method": dst_method},
+        timeout=120,
+    )
+    return bytes(block.memory), run.dst_blocks["pc.ram"].host.tobytes()
+
+
+async def migrate_by_name(
+    method: str,
+    method_options: Mapping[str, Any] | None = None,
+    *,
+    channels: int = 2,
+    size: int = 4 << 20,
+    seed: int = 5,
+) -> tuple[bytes, bytes, MigrationStats, MigrationStats]:
+    """Migrate a VM-like image in two rounds over in-memory channels, the method picked by
+    name from the registry on both sides (``method_options`` go to the source), 300 pages
+    (drawn from ``random.Random(channels)``) changed between the rounds.
+
+    Returns (source image, destination image, source stats, destination stats).
+    """
+    rng = random.Random(channels)
+    block = RAMBlock("pc.ram", vm_like_image(size, PAGE, seed), PAGE)
+    run = await run_loopback(
+        [block],
+        rounds=2,
+        between_rounds=lambda r, _: dirty_blocks([block], 300, rng, r),
+        source={"channels": channels, "method": method, "method_options": method_options},
+        destination={"channels": channels, "method": method},
+    )
+    assert run.src_stats is not None and run.dst_stats is not None
+    image = run.dst_blocks["pc.ram"].host.tobytes()
+    return bytes(block.memory), image, run.src_stats, run.dst_stats
+
+
+class MethodConformance:
+    """Subclass as ``Test...`` and implement :meth:`make_method`."""
+
+    def make_method(self) -> MultiFDMethod:
+        raise NotImplementedError
+
+    # --- whole migrations -------------------------------------------------------------------
+
+    def test_migration_round_trip_tcp(self) -> None:
+        src, dst = trio.run(
+            lambda: migrate_pair(self.make_method(), self.make_method(), channels=2)
+        )
+        assert src == dst
+
+    def test_migration_round_trip_memory_streams_many_channels(self) -> None:
+        src, dst = trio.run(
+            lambda: migrate_pair(
+                self.make_method(), self.make_method(), channels=5, tcp=False, rounds=4, seed=3
+            )
+        )
+        assert src == dst
+
+    def test_packets_with_other_flags_are_refused(self) -> None:
+        method = self.make_method()
+
+        async def run() -> None:
+            await migrate_pair(_other_method(method.value), method, size=1 << 20, rounds=1)
+
+        try:
+            trio.run(run)
+        except CompressionMismatch as exc:
+            assert f"negotiated {method.value}" in str(exc)
+        except MultiFDError as exc:  # pragma: no cover - reported as a failure below
+            raise AssertionError(f"expected CompressionMismatch, got {exc!r}") from exc
+        else:
+            raise AssertionError("a packet with another method's flags was accepted")
+
+    # --- contexts -------------------------------------------------------------------------
+
+    def test_many_packets_through_one_channel(self) -> None:
+        method = self.make_method()
+        tx, rx = method.send_setup(0), method.recv_setup(0)
+        try:
+            for n, seed in ((1, 1), (128, 2), (7, 3), (128, 4), (64, 5), (3, 6)):
+                pages = sample_pages(n, seed)
+                payload = prepare(tx, pages)
+                low, high = method.payload_size(n * PAGE)
+                assert low <= len(payload) <= high, (len(payload), low, high)
+                out = Guarded(n)
+                rx.recv_pages(memoryview(payload), out.pages)
+                assert out.contents() == b"".join(pages)
+                assert out.guards_intact()
+        finally:
+            tx.send_cleanup()
+            rx.recv_cleanup()
+
+    def test_channel_states_are_independent(self) -> None:
+        method = self.make_method()
+        txs = [method.send_setup(i) for i in range(3)]
+        rxs = [method.recv_setup(i) for i in range(3)]
+        try:
+            for step in range(12):
+                ch = (step * 5) % 3  # interleave the channels unevenly
+                pages = sample_pages(1 + step * 9 % 40, 100 + step)
+                payload = prepare(txs[ch], pages)
+                out = Guarded(len(pages))
+                rxs[ch].recv_pages(memoryview(payload), out.pages)
+                assert out.contents() == b"".join(pages), f"step {step} channel {ch}"
+        finally:
+            for tx in txs:
+                tx.send_cleanup()
+            for rx in rxs:
+                rx.recv_cleanup()
+
+    def test_pages_given_as_runs(self) -> None:
+        """Contiguous pages may come as one view of several pages, on both sides."""
+        method = self.make_method()
+        tx, rx = method.send_setup(0), method.recv_setup(0)
+        pages = sample_pages(12, 9)
+        blob = b"".join(pages)
+        view = memoryview(blob)
+        runs = [view[0 : 5 * PAGE], view[5 * PAGE : 6 * PAGE], view[6 * PAGE :]]
+        payload = join(tx.send_prepare(runs))
+        out = Guarded(12)
+        whole = memoryview(out.buf)[Guarded.GUARD : Guarded.GUARD + 12 * PAGE]
+        rx.recv_pages(memoryview(payload), [whole[: 3 * PAGE], whole[3 * PAGE :]])
+        assert out.contents() == blob and out.guards_intact()
+
+    # --- hostile payloads ----------------------------------------------------------------
+
+    def _expect_refused(self, payload: bytes, npages: int, rx: RecvContext | None = None) -> None:
+        rx = rx or self.make_method().recv_setup(0)
+        out = Guarded(npages)
+        try:
+            rx.recv_pages(memoryview(payload), out.pages)
+        except DecompressionError:
+            pass
+        else:
+            raise AssertionError(f"a bad payload of {len(payload)} bytes was accepted")
+        finally:
+            rx.recv_cleanup()
+        assert out.guards_intact(), "the receiver wrote outside its pages"
+
+    def test_payload_longer_than_declared_pages(self) -> None:
+        """A payload holding 16 pages, declared as 2: refused, nothing written outside."""
+        method = self.make_method()
+        payload = prepare(method.send_setup(0), sample_pages(16, 11))
+        self._expect_refused(payload, 2)
+
+    def test_decompression_bomb_is_bounded(self) -> None:
+        """8 MiB of zero pages in one payload, declared as one page: refused quickly with
+        memory bounded by a small multiple of the declared size."""
+        method = self.make_method()
+        zero = bytes(PAGE)
+        payload = prepare(method.send_setup(0), [zero] * 2048)
+        tracemalloc.start()
+        try:
+            self._expect_refused(payload, 1)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < len(payload) + 4 * (1 << 20), f"peak {peak} bytes decoding a bomb"
+
+    def test_truncated_payloads(self) -> None:
+        method = self.make_method()
+        pages = sample_pages(20, 12)
+        payload = prepare(method.send_setup(0), pages)
+        for cut in sorted({1, len(payload) // 2, len(payload) - 1}):
+            self._expect_refused(payload[:cut], len(pages))
+
+    def test_trailing_bytes_are_refused(self) -> None:
+        method = self.make_method()
+        pages = sample_pages(20, 13)
+        payload = prepare(method.send_setup(0), pages)
+        self._expect_refused(payload + b"\x00\x01trailing", len(pages))
+
+    def test_fewer_pages_than_payload_is_refused(self) -> None:
+        method = self.make_method()
+        pages = sample_pages(20, 14)
+        payload = prepare(method.send_setup(0), pages)
+        self._expect_refused(payload, len(pages) + 1)
+
+    def test_corrupt_payloads_fail_cleanly(self) -> None:
+        """Flipped bytes give DecompressionError or (a method without checksums) some pages
+        filled exactly; never another exception, never a write outside the pages."""
+        method = self.make_method()
+        pages = sample_pages(24, 15)
+        payload = bytearray(prepare(method.send_setup(0), pages))
+        rng = random.Random(5)
+        for _ in range(40):
+            bad = bytearray(payload)
+            for _ in range(rng.randint(1, 8)):
+                bad[rng.randrange(len(bad))] ^= 1 << rng.randrange(8)
+            out = Guarded(len(pages))
+            rx = method.recv_setup(0)
+            try:
+                rx.recv_pages(memoryview(bytes(bad)), out.pages)
+            except DecompressionError:
+                pass
+            finally:
+                rx.recv_cleanup()
+            assert out.guards_intact()
+
+    def test_empty_payload_is_refused(self) -> None:
+        self._expect_refused(b"", 1)
