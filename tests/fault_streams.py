@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import trio
 
 
@@ -54,3 +56,25 @@ class SlowStream(PassThroughStream):
     async def receive_some(self, max_bytes=None):  # type: ignore[override]
         await trio.sleep(self.delay)
         return await self.inner.receive_some(min(max_bytes or 65536, 65536))
+
+
+def counting(
+    choose: Callable[[int, trio.abc.Stream], trio.abc.Stream],
+) -> Callable[[Callable[[], Awaitable[trio.abc.Stream]]], Callable[[], Awaitable[trio.abc.Stream]]]:
+    """Wrap a connect or accept callable so that its ``n``-th stream (from 1) is
+    ``choose(n, stream)``: a fault stream on one chosen connection."""
+
+    def wrap(
+        inner: Callable[[], Awaitable[trio.abc.Stream]],
+    ) -> Callable[[], Awaitable[trio.abc.Stream]]:
+        made = 0
+
+        async def call() -> trio.abc.Stream:
+            nonlocal made
+            stream = await inner()
+            made += 1
+            return choose(made, stream)
+
+        return call
+
+    return wrap

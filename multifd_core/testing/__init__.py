@@ -13,7 +13,7 @@ conformance kit.
 
 from __future__ import annotations
 
-from .conformance import MethodConformance, migrate_by_name, migrate_pair
+from .conformance import MethodConformance, identity_method, migrate_by_name, migrate_pair
 from .harness import (
     TIMEOUT,
     Accept,
@@ -67,6 +67,7 @@ __all__ = [
     "dirty_blocks",
     "expect_refused",
     "guarded_block",
+    "identity_method",
     "image_blocks",
     "interleave_two_channels",
     "join",

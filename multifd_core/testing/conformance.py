@@ -35,25 +35,23 @@ from .harness import run_loopback
 from .pages import PAGE, Guarded, dirty_blocks, join, prepare, sample_pages
 
 
-class _OtherMethod(MultiFDMethod):
-    """An identity method on some other value, to send packets with the wrong flags."""
+def identity_method(name: str, value: int) -> type[MultiFDMethod]:
+    """A method class ``name`` on compression ``value`` whose payloads are the pages as they
+    are (nocomp's contexts): a stand-in to send packets with another method's flags."""
 
-    name = "conformance-other"
-    value = 7
-    threaded = False
-
-    def send_setup(self, channel: int) -> SendContext:
+    def send_setup(self: MultiFDMethod, channel: int) -> SendContext:
         return NocompSend()
 
-    def recv_setup(self, channel: int) -> RecvContext:
+    def recv_setup(self: MultiFDMethod, channel: int) -> RecvContext:
         return NocompRecv()
+
+    namespace = {"name": name, "value": value, "threaded": False}
+    namespace |= {"send_setup": send_setup, "recv_setup": recv_setup}
+    return type(f"Identity_{name}", (MultiFDMethod,), namespace)
 
 
 def _other_method(value: int) -> MultiFDMethod:
-    cls: type[MultiFDMethod] = type(
-        "OtherMethod", (_OtherMethod,), {"value": 7 if value != 7 else 6}
-    )
-    return cls()
+    return identity_method("conformance-other", 7 if value != 7 else 6)()
 
 
 async def migrate_pair(
