@@ -78,3 +78,38 @@ def counting(
         return call
 
     return wrap
+
+
+class Tripwire:
+    """Counts the bytes sent on the streams it watches and runs an armed action once the count
+    reaches a threshold: a cancel at an exact point of a transfer, without a timer."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self._at: int | None = None
+        self._action: Callable[[], None] | None = None
+
+    def arm(self, after: int, action: Callable[[], None]) -> None:
+        """Run ``action`` once ``after`` more bytes were sent."""
+        self._at, self._action = self.sent + after, action
+
+    def count(self, n: int) -> None:
+        self.sent += n
+        if self._at is not None and self.sent >= self._at and self._action is not None:
+            action, self._action = self._action, None
+            action()
+
+    def watch(self, stream: trio.abc.HalfCloseableStream) -> TripwireStream:
+        return TripwireStream(stream, self)
+
+
+class TripwireStream(PassThroughStream):
+    """A stream whose sent bytes a :class:`Tripwire` counts."""
+
+    def __init__(self, inner: trio.abc.HalfCloseableStream, wire: Tripwire) -> None:
+        super().__init__(inner)
+        self.wire = wire
+
+    async def send_all(self, data) -> None:  # type: ignore[override]
+        await self.inner.send_all(data)
+        self.wire.count(memoryview(data).nbytes)
