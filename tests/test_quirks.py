@@ -18,17 +18,18 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from multifd_core import MemoryNetwork, RAMBlock
+from multifd_core import MemoryNetwork, RAMBlock, open_source
 from multifd_core.errors import MainStreamError
 from multifd_core.image import vm_like_image
 from multifd_core.mainstream import NEED_DATA, MainStreamParser, MainStreamWriter, RoundEnd
-from multifd_core.migration import open_destination, open_source
 from multifd_core.qemu import load_manifest
+from multifd_core.testing import destination_against
 from multifd_core.transport import Connector, tcp_connector
 from multifd_core.wire import (
     MULTIFD_FLAG_SYNC,
@@ -196,11 +197,10 @@ async def test_qemu_quirks_all_at_once(method: str) -> None:
         for stream in streams:
             await stream.aclose()
 
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(source)
-            async with open_destination(net.accept, channels=2, method=method) as dst:
-                stats = await dst.wait()
+    dst = await destination_against(source, net.accept, timeout=10, channels=2, method=method)
+    assert dst.error is None, repr(dst.error)
+    stats = dst.stats
+    assert stats is not None
     assert stats.status == "completed"
     assert stats.rounds == rounds
     for name, memory in expect.items():
@@ -320,30 +320,58 @@ def test_channels_before_main_complete(lab: qh.Lab) -> None:
     assert qh.block_image(snap, BIOS) == bios
 
 
-def raw_connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    return sock
+@contextmanager
+def channels_only(port: int, n: int) -> Iterator[list[socket.socket]]:
+    """``n`` connections to ``port`` that each sent their multifd init packet, closed after."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+    try:
+        for cid, sock in enumerate(socks):
+            sock.sendall(MultiFDInit(cid).encode())
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _tcp_queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+    """(tx, rx) queue bytes of the IPv4 TCP socket ``local`` -> ``remote``, from /proc."""
+
+    def hexaddr(addr: tuple[str, int]) -> str:
+        return f"{socket.inet_aton(addr[0])[::-1].hex().upper()}:{addr[1]:04X}"
+
+    want = (hexaddr(local), hexaddr(remote))
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (fields[1], fields[2]) == want:
+            tx, rx = fields[4].split(":")
+            return int(tx, 16), int(rx, 16)
+    return None
+
+
+def wait_read_by_peer(socks: Sequence[socket.socket], timeout: float = 10) -> None:
+    """Wait until the process at the other end of every one of ``socks`` has read all they
+    sent (nothing queued on either side: both ends are on this host)."""
+    deadline = time.monotonic() + timeout
+    for sock in socks:
+        mine, theirs = sock.getsockname(), sock.getpeername()
+        while _tcp_queues(mine, theirs) != (0, 0) or _tcp_queues(theirs, mine) != (0, 0):
+            assert time.monotonic() < deadline, "the peer did not read what was sent"
+            time.sleep(0.01)
 
 
 def test_channels_then_a_main_that_dies(lab: qh.Lab) -> None:
     """Init packets first, then a main channel that sends its magic and closes: a clear error."""
     save = lab.qemu_save(lab.tmp / "snap", channels=2, method="none", timeout=10)
     assert save.port is not None
-    socks = [raw_connect(save.port) for _ in range(2)]
-    try:
-        for cid, sock in enumerate(socks):
-            sock.sendall(MultiFDInit(cid).encode())
-        time.sleep(0.2)
-        main = raw_connect(save.port)
+    with channels_only(save.port, 2) as socks:
+        wait_read_by_peer(socks)  # qemu-save has taken both channels' init packets
+        main = socket.create_connection(("127.0.0.1", save.port), timeout=5)
         socks.append(main)
         main.sendall(b"QEVM\x00\x00\x00\x03")
         main.close()
         t0 = time.monotonic()
         assert save.wait(20) == 1
         assert time.monotonic() - t0 < 10
-    finally:
-        for sock in socks:
-            sock.close()
     err = save.stderr()
     assert err.startswith("multifd qemu-save: error: ChannelClosed: "), err
     assert "main stream truncated" in err
@@ -353,15 +381,9 @@ def test_channels_and_no_main(lab: qh.Lab) -> None:
     """Init packets and no main channel ever: qemu-save gives up after --timeout."""
     save = lab.qemu_save(lab.tmp / "snap", channels=2, method="none", timeout=2)
     assert save.port is not None
-    socks = [raw_connect(save.port) for _ in range(2)]
-    try:
-        for cid, sock in enumerate(socks):
-            sock.sendall(MultiFDInit(cid).encode())
+    with channels_only(save.port, 2):
         t0 = time.monotonic()
         assert save.wait(20) == 1
         assert time.monotonic() - t0 < 10
-    finally:
-        for sock in socks:
-            sock.close()
     err = save.stderr()
     assert "MigrationTimeout" in err and "2 of 3 connections" in err, err
