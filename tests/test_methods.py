@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from multifd_core import hookimpl
+from multifd_core import (
+    MethodInfo,
+    MultiFDMethod,
+    RecvContext,
+    SendContext,
+    hookimpl,
+    load_methods,
+)
 from multifd_core.errors import (
     ConfigError,
     DecompressionError,
@@ -19,13 +26,6 @@ from multifd_core.errors import (
     PluginConflictError,
     PluginLoadError,
     UnknownMethodError,
-)
-from multifd_core.methods import (
-    MethodInfo,
-    MultiFDMethod,
-    RecvContext,
-    SendContext,
-    load_methods,
 )
 from multifd_core.nocomp import Nocomp, NocompRecv, NocompSend
 
@@ -99,6 +99,13 @@ def mine(registry, text: str) -> list:
 # --- the built-in method --------------------------------------------------------------------
 
 
+def the_conflict(registry) -> PluginConflictError:
+    """The registry's one conflict: there must be exactly one."""
+    conflicts = [p for p in registry.problems if isinstance(p, PluginConflictError)]
+    assert len(conflicts) == 1, conflicts
+    return conflicts[0]
+
+
 def test_nocomp_is_built_in():
     registry = load_methods()
     info = registry.get(0)
@@ -165,14 +172,13 @@ def test_two_distributions_same_value(site):
     site.method_dist("fake_beta", "beta", 5)
     site.method_dist("fake_gamma", "gamma", 6)
     registry = load_methods()
-    conflicts = [p for p in registry.problems if isinstance(p, PluginConflictError)]
-    assert len(conflicts) == 1
-    msg = str(conflicts[0])
+    conflict = the_conflict(registry)
+    msg = str(conflict)
     assert "fake_alpha 1.0" in msg and "fake_beta 1.0" in msg and "value 5" in msg
     for key in (5, "alpha", "beta"):
         with pytest.raises(PluginConflictError) as info:
             registry.get(key)
-        assert info.value is conflicts[0]
+        assert info.value is conflict
     assert registry.get(6).name == "gamma"
     assert registry.get(0).name == "none"
     with pytest.raises(PluginConflictError):
@@ -183,12 +189,11 @@ def test_three_distributions_same_value(site):
     for dist, name in (("fake_a", "alpha"), ("fake_b", "beta"), ("fake_c", "gamma")):
         site.method_dist(dist, name, 5)
     registry = load_methods()
-    conflicts = [p for p in registry.problems if isinstance(p, PluginConflictError)]
-    assert len(conflicts) == 1
+    conflict = the_conflict(registry)
     for key in (5, "alpha", "beta", "gamma"):
         with pytest.raises(PluginConflictError) as info:
             registry.get(key)
-        assert info.value is conflicts[0]
+        assert info.value is conflict
     assert registry.get(0).name == "none"
 
 
@@ -196,9 +201,8 @@ def test_two_distributions_same_name(site):
     site.method_dist("fake_alpha", "samename", 5)
     site.method_dist("fake_beta", "samename", 6)
     registry = load_methods()
-    conflicts = [p for p in registry.problems if isinstance(p, PluginConflictError)]
-    assert len(conflicts) == 1
-    msg = str(conflicts[0])
+    conflict = the_conflict(registry)
+    msg = str(conflict)
     assert "fake_alpha 1.0" in msg and "fake_beta 1.0" in msg and "'samename'" in msg
     for key in (5, 6, "samename"):
         with pytest.raises(PluginConflictError):
