@@ -13,7 +13,13 @@ conformance kit.
 
 from __future__ import annotations
 
-from .conformance import MethodConformance, identity_method, migrate_by_name, migrate_pair
+from .conformance import (
+    MethodConformance,
+    conformance_classes,
+    identity_method,
+    migrate_by_name,
+    migrate_pair,
+)
 from .harness import (
     TIMEOUT,
     Accept,
@@ -45,6 +51,7 @@ from .pages import (
 from .plugin_checks import (
     PluginChecks,
     StreamChecks,
+    context_pair,
     expect_refused,
     interleave_two_channels,
     round_trips,
@@ -63,6 +70,8 @@ __all__ = [
     "MethodConformance",
     "PluginChecks",
     "StreamChecks",
+    "conformance_classes",
+    "context_pair",
     "destination_against",
     "dirty_blocks",
     "expect_refused",

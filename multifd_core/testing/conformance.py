@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import tracemalloc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -274,3 +274,24 @@ class MethodConformance:
 
     def test_empty_payload_is_refused(self) -> None:
         self._expect_refused(b"", 1)
+
+
+def conformance_classes(
+    factory: Callable[..., MultiFDMethod], *option_sets: Mapping[str, Any]
+) -> list[type[MethodConformance]]:
+    """One :class:`MethodConformance` class for each of ``option_sets``, its method made by
+    ``factory(**options)``; bind them to ``Test...`` names of a test module::
+
+        TestZlibConformance, TestZlibConformanceLevel3 = conformance_classes(
+            ZlibMethod, {}, {"level": "3"}
+        )
+    """
+
+    def case(options: Mapping[str, Any]) -> type[MethodConformance]:
+        def make_method(self: MethodConformance) -> MultiFDMethod:
+            return factory(**options)
+
+        name = f"{getattr(factory, '__name__', 'Method')}Conformance"
+        return type(name, (MethodConformance,), {"make_method": make_method})
+
+    return [case(options) for options in option_sets]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import trio
 
@@ -33,6 +33,16 @@ from .. import MultiFDMethod, RecvContext, SendContext, load_methods
 from ..errors import DecompressionError
 from .conformance import migrate_by_name
 from .pages import PAGE, TEXT, mixed_pages, prepare_payload, random_runs, receive_payload
+
+S = TypeVar("S", bound=SendContext)
+R = TypeVar("R", bound=RecvContext)
+
+
+def context_pair(method: MultiFDMethod, send_type: type[S], recv_type: type[R]) -> tuple[S, R]:
+    """Channel 0's send and receive contexts of ``method``, checked to be of the given types."""
+    send, recv = method.send_setup(0), method.recv_setup(0)
+    assert isinstance(send, send_type) and isinstance(recv, recv_type), (send, recv)
+    return send, recv
 
 
 def expect_refused(recv: RecvContext, payload: bytes, npages: int, match: str = "") -> None:

@@ -14,8 +14,9 @@ from multifd_lz4 import Lz4Method, Lz4Recv, Lz4Send, compress_bound
 from multifd_core.errors import ConfigError, DecompressionError
 from multifd_core.testing import (
     PAGE,
-    MethodConformance,
     PluginChecks,
+    conformance_classes,
+    context_pair,
     interleave_two_channels,
     mixed_pages,
     prepare_payload,
@@ -26,23 +27,15 @@ from multifd_core.testing import (
 
 
 def pair(**options: object) -> tuple[Lz4Send, Lz4Recv]:
-    method = Lz4Method(**options)
-    send, recv = method.send_setup(0), method.recv_setup(0)
-    assert isinstance(send, Lz4Send) and isinstance(recv, Lz4Recv)
-    return send, recv
+    return context_pair(Lz4Method(**options), Lz4Send, Lz4Recv)
 
 
 # --- the kit: multifd_core's conformance kit and the checks every plugin shares -----------------
 
 
-class TestLz4Conformance(MethodConformance):
-    def make_method(self) -> Lz4Method:
-        return Lz4Method()
-
-
-class TestLz4ConformanceOtherLevel(MethodConformance):
-    def make_method(self) -> Lz4Method:
-        return Lz4Method(**{"acceleration": "8"})
+TestLz4Conformance, TestLz4ConformanceOtherLevel = conformance_classes(
+    Lz4Method, {}, {"acceleration": "8"}
+)
 
 
 class TestLz4Plugin(PluginChecks):

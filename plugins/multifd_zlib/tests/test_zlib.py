@@ -14,8 +14,9 @@ from multifd_zlib import ZlibMethod, ZlibRecv, ZlibSend
 from multifd_core.errors import ConfigError, DecompressionError
 from multifd_core.testing import (
     PAGE,
-    MethodConformance,
     StreamChecks,
+    conformance_classes,
+    context_pair,
     mixed_pages,
     prepare_payload,
     random_runs,
@@ -24,23 +25,15 @@ from multifd_core.testing import (
 
 
 def pair() -> tuple[ZlibSend, ZlibRecv]:
-    method = ZlibMethod()
-    send, recv = method.send_setup(0), method.recv_setup(0)
-    assert isinstance(send, ZlibSend) and isinstance(recv, ZlibRecv)
-    return send, recv
+    return context_pair(ZlibMethod(), ZlibSend, ZlibRecv)
 
 
 # --- the kit: multifd_core's conformance kit and the checks every plugin shares -----------------
 
 
-class TestZlibConformance(MethodConformance):
-    def make_method(self) -> ZlibMethod:
-        return ZlibMethod()
-
-
-class TestZlibConformanceOtherLevel(MethodConformance):
-    def make_method(self) -> ZlibMethod:
-        return ZlibMethod(**{"level": "3"})
+TestZlibConformance, TestZlibConformanceOtherLevel = conformance_classes(
+    ZlibMethod, {}, {"level": "3"}
+)
 
 
 class TestZlibPlugin(StreamChecks):

@@ -14,8 +14,9 @@ from multifd_zstd import BLOCK_MAX, ZstdMethod, ZstdRecv, ZstdSend, compress_bou
 from multifd_core.errors import ConfigError, DecompressionError
 from multifd_core.testing import (
     PAGE,
-    MethodConformance,
     StreamChecks,
+    conformance_classes,
+    context_pair,
     mixed_pages,
     prepare_payload,
     random_runs,
@@ -24,10 +25,7 @@ from multifd_core.testing import (
 
 
 def pair(**options: object) -> tuple[ZstdSend, ZstdRecv]:
-    method = ZstdMethod(**options)
-    send, recv = method.send_setup(0), method.recv_setup(0)
-    assert isinstance(send, ZstdSend) and isinstance(recv, ZstdRecv)
-    return send, recv
+    return context_pair(ZstdMethod(**options), ZstdSend, ZstdRecv)
 
 
 def block(block_type: int, size: int, content: bytes = b"", last: bool = False) -> bytes:
@@ -42,14 +40,9 @@ FRAME_HEADER = b"\x28\xb5\x2f\xfd\x00" + bytes([(20 - 10) << 3])
 # --- the kit: multifd_core's conformance kit and the checks every plugin shares -----------------
 
 
-class TestZstdConformance(MethodConformance):
-    def make_method(self) -> ZstdMethod:
-        return ZstdMethod()
-
-
-class TestZstdConformanceOtherLevel(MethodConformance):
-    def make_method(self) -> ZstdMethod:
-        return ZstdMethod(**{"level": "3"})
+TestZstdConformance, TestZstdConformanceOtherLevel = conformance_classes(
+    ZstdMethod, {}, {"level": "3"}
+)
 
 
 class TestZstdPlugin(StreamChecks):
