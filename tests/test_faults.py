@@ -83,11 +83,23 @@ async def destination_error(
     return run.error, run.seconds
 
 
+async def stall_of(peer: Callable[[Connect, list[trio.abc.Stream]], Awaitable[None]]) -> Any:
+    """The stall a destination (idle timeout 0.6 s) finds, within 5 s, in ``peer(connect,
+    streams)``; the streams the peer keeps in ``streams`` are closed after."""
+    streams: list[trio.abc.Stream] = []
+    try:
+        err, took = await destination_error(lambda c: peer(c, streams), idle_timeout=0.6)
+    finally:
+        await aclose_all(streams)
+    assert isinstance(err, ChannelStalled), repr(err)
+    assert took < 5
+    return err
+
+
 async def test_channel_stalls_mid_packet(no_leaks: None) -> None:
     """Channel 1 sends a packet header announcing a page, then nothing (socket left open)."""
-    streams: list[trio.abc.Stream] = []
 
-    async def peer(connect: Connect) -> None:
+    async def peer(connect: Connect, streams: list[trio.abc.Stream]) -> None:
         main, chans = await open_channels(connect, 2)
         streams.extend([main, *chans])
         header = MultiFDPacket(
@@ -108,32 +120,21 @@ async def test_channel_stalls_mid_packet(no_leaks: None) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await trio.sleep_forever()
 
-    try:
-        err, took = await destination_error(peer, idle_timeout=0.6)
-    finally:
-        await aclose_all(streams)
-    assert isinstance(err, ChannelStalled), repr(err)
+    err = await stall_of(peer)
     assert err.channel == 1 and "middle of a message" in str(err)
-    assert took < 5
 
 
 async def test_channel_silent_before_sync(no_leaks: None) -> None:
     """The round ends; channel 0 sends its SYNC, channel 1 never does: all is quiet, a stall."""
-    streams: list[trio.abc.Stream] = []
 
-    async def peer(connect: Connect) -> None:
+    async def peer(connect: Connect, streams: list[trio.abc.Stream]) -> None:
         main, chans = await open_channels(connect, 2, end_round=True)
         streams.extend([main, *chans])
         await chans[0].send_all(sync_packet(0))
         await trio.sleep_forever()
 
-    try:
-        err, took = await destination_error(peer, idle_timeout=0.6)
-    finally:
-        await aclose_all(streams)
-    assert isinstance(err, ChannelStalled), repr(err)
+    err = await stall_of(peer)
     assert "no bytes on any channel" in str(err) and "channel 1" in str(err)
-    assert took < 5
 
 
 async def test_stalled_destination_fails_the_source(no_leaks: None) -> None:

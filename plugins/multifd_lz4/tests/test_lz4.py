@@ -13,16 +13,18 @@ from multifd_lz4 import Lz4Method, Lz4Recv, Lz4Send, compress_bound
 
 from multifd_core.errors import ConfigError, DecompressionError
 from multifd_core.testing import (
-    PAGE,
     PluginChecks,
     conformance_classes,
     context_pair,
     interleave_two_channels,
+    round_trips,
+)
+from multifd_core.testing.pages import (
+    PAGE,
     mixed_pages,
     prepare_payload,
     random_runs,
     receive_payload,
-    round_trips,
 )
 
 

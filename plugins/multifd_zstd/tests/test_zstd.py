@@ -12,11 +12,9 @@ import zstandard
 from multifd_zstd import BLOCK_MAX, ZstdMethod, ZstdRecv, ZstdSend, compress_bound
 
 from multifd_core.errors import ConfigError, DecompressionError
-from multifd_core.testing import (
+from multifd_core.testing import StreamChecks, conformance_classes, context_pair
+from multifd_core.testing.pages import (
     PAGE,
-    StreamChecks,
-    conformance_classes,
-    context_pair,
     mixed_pages,
     prepare_payload,
     random_runs,
