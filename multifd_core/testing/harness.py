@@ -20,6 +20,7 @@ transport comes in as a :class:`Link` of connect and accept callables.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -184,6 +185,13 @@ class LoopbackRun:
     src_error: MultiFDError | None = None  #: the library error the source ended with
     src_seconds: float = 0.0
     src_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    side_tasks: trio.Nursery | None = None
+
+    def start_soon(self, async_fn: Callable[..., Awaitable[object]], *args: Any) -> None:
+        """From a hook: run ``async_fn(*args)`` beside the source until the source has ended
+        (a progress bar, a writer dirtying pages); then it is cancelled."""
+        assert self.side_tasks is not None, "only while the source runs"
+        self.side_tasks.start_soon(async_fn, *args)
 
     @property
     def dst_stats(self) -> MigrationStats | None:
@@ -234,19 +242,22 @@ async def _run_source(
 ) -> None:
     on_open, between_rounds = hooks
     start = trio.current_time()
-    try:
-        with run.src_scope:
-            async with open_source(blocks, connect, **options) as src:
-                run.source = src
-                await _call(on_open, 0, run)
-                for r in range(1, rounds):
-                    await src.send_round()
-                    await _call(between_rounds, r, run)
-                run.src_stats = await src.complete()
-    except MultiFDError as exc:
-        run.src_error = exc
-    finally:
-        run.src_seconds = trio.current_time() - start
+    async with trio.open_nursery() as side:
+        run.side_tasks = side
+        try:
+            with run.src_scope:
+                async with open_source(blocks, connect, **options) as src:
+                    run.source = src
+                    await _call(on_open, 0, run)
+                    for r in range(1, rounds):
+                        await src.send_round()
+                        await _call(between_rounds, r, run)
+                    run.src_stats = await src.complete()
+        except MultiFDError as exc:
+            run.src_error = exc
+        finally:
+            run.src_seconds = trio.current_time() - start
+            side.cancel_scope.cancel()
 
 
 async def run_loopback(
@@ -262,7 +273,7 @@ async def run_loopback(
     wrap_accept: Callable[[Accept], Accept] | None = None,
     close_on_error: bool = False,
     capture_errors: bool = False,
-    timeout: float = TIMEOUT,
+    timeout: float | None = TIMEOUT,
 ) -> LoopbackRun:
     """Migrate ``blocks`` from a source to a destination, both in this trio run.
 
@@ -279,7 +290,9 @@ async def run_loopback(
     Returns the :class:`LoopbackRun` holding both ends' stats, the destination's blocks, and
     their errors: with ``capture_errors`` the library errors are returned, typed, in
     ``src_error`` / ``dst_error``; without, the destination's error (else the source's) is
-    raised. The whole run is bounded by ``timeout`` seconds (``trio.TooSlowError``).
+    raised. The whole run is bounded by ``timeout`` seconds (``trio.TooSlowError``; None: no
+    bound, for a program rather than a test). A hook may start tasks beside the source with
+    :meth:`LoopbackRun.start_soon`.
     """
     async with AsyncExitStack() as stack:
         if isinstance(transport, str):
@@ -289,7 +302,7 @@ async def run_loopback(
         connect = wrap_connect(link.connect) if wrap_connect else link.connect
         accept = wrap_accept(link.accept) if wrap_accept else link.accept
         run = LoopbackRun(link)
-        with trio.fail_after(timeout):
+        with trio.fail_after(math.inf if timeout is None else timeout):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
                     lambda: run_destination(
