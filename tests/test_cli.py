@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from procs import Result, finish, receiver, run, spawn
 
+from multifd_core.testing import random_files
+
 PS = 4096
 #: the demo migrates pc.ram of --size and a 256 KiB pc.bios
 BIOS = 256 << 10
@@ -92,14 +94,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inputs]:
 
 def small_files(directory: Path, count: int = 8, size: int = 3 * PS) -> list[Path]:
     """Several one-packet files: their packets go to every channel in turn."""
-    directory.mkdir()
-    rng = random.Random(count)
-    files = []
-    for i in range(count):
-        path = directory / f"f{i}"
-        path.write_bytes(rng.randbytes(size))
-        files.append(path)
-    return files
+    return random_files(directory, {f"f{i}": size for i in range(count)}, count)
 
 
 # --- demo ---------------------------------------------------------------------------------

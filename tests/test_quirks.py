@@ -29,7 +29,7 @@ from multifd_core.errors import MainStreamError
 from multifd_core.image import vm_like_image
 from multifd_core.mainstream import NEED_DATA, MainStreamParser, MainStreamWriter, RoundEnd
 from multifd_core.qemu import load_manifest
-from multifd_core.testing import destination_against
+from multifd_core.testing import destination_against, tagged_page
 from multifd_core.transport import Connector, tcp_connector
 from multifd_core.wire import (
     MULTIFD_FLAG_SYNC,
@@ -112,10 +112,6 @@ class Channel:
         self.data += header
 
 
-def page(rng: random.Random, tag: int) -> bytes:
-    return tag.to_bytes(8, "little") + rng.randbytes(PS - 8)
-
-
 def build_migration(method: str) -> tuple[bytes, list[Channel], dict[str, bytearray], int]:
     """The main stream, the two channels and the memory they must produce."""
     rng = random.Random(4)
@@ -137,17 +133,17 @@ def build_migration(method: str) -> tuple[bytes, list[Channel], dict[str, bytear
     # round 1: numbers skip (0 -> 5) and repeat (5 twice, 7 on both channels)
     w.section_part()
     w.zero_page(RAM, 20 * PS)
-    a = [put(RAM, i * PS, page(rng, 100 + i)) for i in range(3)]
+    a = [put(RAM, i * PS, tagged_page(rng, 100 + i)) for i in range(3)]
     ch[0].pages(RAM, [0, PS, 2 * PS], a, 5)
-    ch[0].pages(RAM, [3 * PS], [put(RAM, 3 * PS, page(rng, 103))], 5)
+    ch[0].pages(RAM, [3 * PS], [put(RAM, 3 * PS, tagged_page(rng, 103))], 5)
     # page 1 again, same data, same round, on the other channel (QEMU's duplicate)
     ch[1].pages(RAM, [PS], [a[1]], 7)
-    bios = [put(BIOS, i * PS, page(rng, 200 + i)) for i in range(4)]
+    bios = [put(BIOS, i * PS, tagged_page(rng, 200 + i)) for i in range(4)]
     ch[1].pages(BIOS, [0, PS, 2 * PS, 3 * PS], bios, 7)
     # page 10 gets data now and becomes a zero page in round 2
-    ch[1].pages(RAM, [10 * PS], [page(rng, 110)], 8)
+    ch[1].pages(RAM, [10 * PS], [tagged_page(rng, 110)], 8)
     # a SYNC on a page-carrying packet, then an empty flags-0 packet with the same number
-    b = [put(RAM, i * PS, page(rng, 104 + i)) for i in (4, 5)]
+    b = [put(RAM, i * PS, tagged_page(rng, 104 + i)) for i in (4, 5)]
     ch[0].pages(RAM, [4 * PS, 5 * PS], b, 9, sync=True)
     ch[0].empty(9, sync=False, leftovers=True)
     ch[1].empty(9, sync=True, leftovers=True)
@@ -158,12 +154,12 @@ def build_migration(method: str) -> tuple[bytes, list[Channel], dict[str, bytear
     w.section_part()
     w.zero_page(RAM, 10 * PS)
     expect[RAM][10 * PS : 11 * PS] = bytes(PS)
-    ch[1].pages(RAM, [0], [put(RAM, 0, page(rng, 300))], 10)
-    again = put(RAM, 6 * PS, page(rng, 106))
+    ch[1].pages(RAM, [0], [put(RAM, 0, tagged_page(rng, 300))], 10)
+    again = put(RAM, 6 * PS, tagged_page(rng, 106))
     ch[1].pages(RAM, [6 * PS], [again], 11)
     ch[1].pages(RAM, [6 * PS], [again], 11)
     ch[1].empty(12, sync=True, leftovers=True)
-    bios0 = put(BIOS, 0, page(rng, 400))
+    bios0 = put(BIOS, 0, tagged_page(rng, 400))
     ch[0].pages(BIOS, [0], [bios0], 12)
     ch[0].pages(BIOS, [0], [bios0], 14)
     ch[0].empty(12, sync=True)
@@ -172,7 +168,7 @@ def build_migration(method: str) -> tuple[bytes, list[Channel], dict[str, bytear
     # round 3, the end: page 5 again, now on channel 1, in a page-carrying SYNC with its empty
     # twin; then extra SYNC rounds after the main stream has ended
     w.section_end()
-    last = [put(RAM, 5 * PS, page(rng, 505)), put(RAM, 63 * PS, page(rng, 563))]
+    last = [put(RAM, 5 * PS, tagged_page(rng, 505)), put(RAM, 63 * PS, tagged_page(rng, 563))]
     ch[1].pages(RAM, [5 * PS, 63 * PS], last, 15, sync=True)
     ch[1].empty(15, sync=False)
     ch[0].empty(16, sync=True, leftovers=True)

@@ -41,7 +41,7 @@ from multifd_core.errors import (
     TLSError,
 )
 from multifd_core.image import vm_like_image
-from multifd_core.testing import Accept, Link, LoopbackRun, open_link, run_loopback
+from multifd_core.testing import Accept, Link, LoopbackRun, open_link, random_files, run_loopback
 from multifd_core.transport import ChannelIO, Connector
 
 PS = 4096
@@ -554,15 +554,8 @@ def tls_receiver(tmp_path: Path, *args: str) -> Any:
 
 
 def input_files(tmp_path: Path) -> list[Path]:
-    d = tmp_path / "in"
-    d.mkdir()
-    rng = random.Random(7)
-    files = []
-    for name, size in (("a.bin", 3 << 20), ("b.bin", 10000), ("c.bin", 5 * PS)):
-        path = d / name
-        path.write_bytes(rng.randbytes(size) if name != "c.bin" else bytes(size))
-        files.append(path)
-    return files
+    sizes = {"a.bin": 3 << 20, "b.bin": 10000, "c.bin": 5 * PS}
+    return random_files(tmp_path / "in", sizes, 7, zero={"c.bin"})
 
 
 def one_error_line(err: str, command: str) -> str:

@@ -44,9 +44,11 @@ from .pages import (
     page_views,
     prepare,
     prepare_payload,
+    random_files,
     random_runs,
     receive_payload,
     sample_pages,
+    tagged_page,
 )
 from .plugin_checks import (
     PluginChecks,
@@ -87,10 +89,12 @@ __all__ = [
     "page_views",
     "prepare",
     "prepare_payload",
+    "random_files",
     "random_runs",
     "receive_payload",
     "round_trips",
     "run_destination",
     "run_loopback",
     "sample_pages",
+    "tagged_page",
 ]

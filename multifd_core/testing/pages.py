@@ -4,14 +4,17 @@ Pages for a method's contexts (:func:`sample_pages`, :func:`mixed_pages`, :data:
 a buffer split the way the engine sends it (:func:`page_views`, :func:`random_runs`), one packet's
 payload through a context and back (:func:`prepare_payload`, :func:`receive_payload`), buffers
 whose edges must stay untouched (:class:`Guarded`, :func:`guarded_block`) and RAM blocks holding
-a VM-like image (:func:`image_blocks`, :func:`dirty_blocks`). All of them are deterministic: the
+a VM-like image (:func:`image_blocks`, :func:`dirty_blocks`), and input files for the file
+commands (:func:`random_files`). All of them are deterministic: the
 same arguments give the same bytes, so golden payloads stay valid.
 """
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ..image import dirty_some_pages, make_page, vm_like_image
@@ -31,6 +34,11 @@ def sample_pages(count: int, seed: int, page_size: int = PAGE) -> list[bytes]:
     return [
         make_page(seed * 100_000 + i, page_size, KINDS[i % len(KINDS)], rng) for i in range(count)
     ]
+
+
+def tagged_page(rng: random.Random, tag: int, page_size: int = PAGE) -> bytes:
+    """A random page whose first 8 bytes are ``tag`` (little-endian): unique and recognisable."""
+    return tag.to_bytes(8, "little") + rng.randbytes(page_size - 8)
 
 
 def _mixed_page(kind: int, rng: random.Random, pages: list[bytes]) -> bytes:
@@ -163,3 +171,22 @@ def dirty_blocks(
     for block in blocks:
         for off in dirty_some_pages(block.memory, block.page_size, count, rng, generation):
             block.mark_dirty(off)
+
+
+def random_files(
+    directory: str | os.PathLike[str],
+    sizes: Mapping[str, int],
+    seed: int,
+    zero: Collection[str] = (),
+) -> list[Path]:
+    """Create ``directory`` holding a file of each of ``sizes`` (name: bytes), random bytes
+    drawn in order from ``random.Random(seed)``, but zero bytes for the names in ``zero``."""
+    where = Path(directory)
+    where.mkdir()
+    rng = random.Random(seed)
+    files = []
+    for name, size in sizes.items():
+        path = where / name
+        path.write_bytes(bytes(size) if name in zero else rng.randbytes(size))
+        files.append(path)
+    return files
