@@ -109,7 +109,7 @@ class DestinationRun:
     stats: MigrationStats | None = None  #: its stats, once it completed
     blocks: dict[str, RAMBlock] = field(default_factory=dict)  #: its blocks, once completed
     error: MultiFDError | None = None  #: the library error it ended with
-    destination: Destination | None = None  #: the open destination, while it runs
+    destination: Destination | None = None  #: the destination, once open
     seconds: float = 0.0  #: how long it ran
     done: trio.Event = field(default_factory=trio.Event)  #: set when it ended, however
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
