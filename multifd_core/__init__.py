@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .destination import Destination, open_destination, receive
+from .destination import Accept, Destination, open_destination, receive
 from .errors import *  # noqa: F403
 from .errors import MultiFDError
 from .hookspecs import hookimpl
@@ -15,6 +15,7 @@ from .stats import MigrationStats
 from .tls import TLSAcceptor, client_context, server_context, tls_acceptor, tls_connector
 from .transport import (
     Acceptor,
+    Connector,
     MemoryNetwork,
     open_tcp_acceptor,
     open_unix_acceptor,
@@ -25,7 +26,9 @@ from .transport import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accept",
     "Acceptor",
+    "Connector",
     "Buffer",
     "Destination",
     "DestinationOptions",

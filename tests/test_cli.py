@@ -6,101 +6,27 @@ listens on port 0 and reports the address it got through ``--ready-file``.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from procs import Result, finish, receiver, run, spawn
+
+from multifd_core.testing import random_files
 
 PS = 4096
 #: the demo migrates pc.ram of --size and a 256 KiB pc.bios
 BIOS = 256 << 10
-#: seconds any one command may take before the test fails (and kills it)
-TIMEOUT = 30
-
-_script = shutil.which("multifd", path=os.path.dirname(sys.executable))
-MULTIFD = [_script] if _script else [sys.executable, "-m", "multifd_core.cli"]
-
-
-@dataclass
-class Result:
-    rc: int
-    out: str
-    err: str
-
-
-@contextmanager
-def spawn(*args: str) -> Iterator[subprocess.Popen[str]]:
-    """Start ``multifd ARGS``; kill it by pid if it is still running when the block ends."""
-    proc = subprocess.Popen(
-        [*MULTIFD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    with proc:  # closes the pipes and reaps the process
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = TIMEOUT) -> Result:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{proc.args!r} still running after {timeout} s")
-    return Result(proc.returncode, out, err)
-
-
-def run(*args: str, timeout: float = TIMEOUT) -> Result:
-    with spawn(*args) as proc:
-        return finish(proc, timeout)
-
-
-@contextmanager
-def receiver(
-    ready: Path, out_dir: Path, *args: str, timeout: float = 10
-) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """``multifd recv`` on 127.0.0.1:0; yields the process and the port it listens on."""
-    with spawn(
-        "recv",
-        "--listen",
-        "127.0.0.1:0",
-        "--output",
-        str(out_dir),
-        "--ready-file",
-        str(ready),
-        "--timeout",
-        str(timeout),
-        *args,
-    ) as proc:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                host, port = ast.literal_eval(ready.read_text())
-                break
-            except (OSError, ValueError, SyntaxError):  # not there yet, or half written
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"recv exited {proc.returncode} before listening: {finish(proc).err}")
-            if time.monotonic() > deadline:
-                pytest.fail("recv did not write its ready file")
-            time.sleep(0.01)
-        assert host == "127.0.0.1"
-        yield proc, port
 
 
 def sender(port: int, *args: str) -> list[str]:
@@ -168,14 +94,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inputs]:
 
 def small_files(directory: Path, count: int = 8, size: int = 3 * PS) -> list[Path]:
     """Several one-packet files: their packets go to every channel in turn."""
-    directory.mkdir()
-    rng = random.Random(count)
-    files = []
-    for i in range(count):
-        path = directory / f"f{i}"
-        path.write_bytes(rng.randbytes(size))
-        files.append(path)
-    return files
+    return random_files(directory, {f"f{i}": size for i in range(count)}, count)
 
 
 # --- demo ---------------------------------------------------------------------------------

@@ -3,68 +3,53 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 
 import pytest
 import trio
-import trio.testing
-from fault_streams import DyingStream, SlowStream
+from fault_streams import DyingStream, SlowStream, counting
 
-from multifd_core import (
-    MemoryNetwork,
-    RAMBlock,
-    open_destination,
-    open_source,
-    open_tcp_acceptor,
-    tcp_connector,
+from multifd_core import MemoryNetwork, RAMBlock, open_source
+from multifd_core.errors import ChannelClosed, ChannelError, ConfigError
+from multifd_core.testing import (
+    DestinationRun,
+    Link,
+    LoopbackRun,
+    dirty_blocks,
+    image_blocks,
+    open_link,
+    run_destination,
+    run_loopback,
 )
-from multifd_core.errors import ChannelClosed, ChannelError, ConfigError, MultiFDError
-from multifd_core.image import dirty_some_pages, vm_like_image
 
 TIMEOUT = 60
 
 
-def make_blocks(sizes: dict[str, int], page_size: int, seed: int = 1) -> list[RAMBlock]:
-    return [
-        RAMBlock(name, vm_like_image(size, page_size, seed + i), page_size)
-        for i, (name, size) in enumerate(sizes.items())
-    ]
-
-
 async def run_migration(
     blocks: list[RAMBlock],
-    connect: Callable,
-    accept: Callable,
+    transport: str | Link = "memory",
     *,
     channels: int,
     rounds: int = 1,
     dirty_per_round: int = 0,
     seed: int = 7,
     dest_blocks: list[RAMBlock] | None = None,
-):
+) -> LoopbackRun:
+    """Migrate ``blocks`` in ``rounds`` rounds, ``dirty_per_round`` pages of each block
+    changing between rounds; raises either end's error."""
     rng = random.Random(seed)
-    result = {}
-    with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-
-            async def destination() -> None:
-                async with open_destination(
-                    accept, channels=channels, page_size=blocks[0].page_size, blocks=dest_blocks
-                ) as dst:
-                    result["stats"] = await dst.wait()
-                result["blocks"] = dst.blocks
-
-            nursery.start_soon(destination)
-            async with open_source(blocks, connect, channels=channels) as src:
-                for r in range(rounds - 1):
-                    await src.send_round()
-                    for b in blocks:
-                        for off in dirty_some_pages(
-                            b.memory, b.page_size, dirty_per_round, rng, r + 1
-                        ):
-                            b.mark_dirty(off)
-                result["src"] = await src.complete()
-    return result
+    return await run_loopback(
+        blocks,
+        transport=transport,
+        rounds=rounds,
+        between_rounds=lambda r, _: dirty_blocks(blocks, dirty_per_round, rng, r),
+        source={"channels": channels},
+        destination={
+            "channels": channels,
+            "page_size": blocks[0].page_size,
+            "blocks": dest_blocks,
+        },
+        timeout=TIMEOUT,
+    )
 
 
 def assert_same(blocks: list[RAMBlock], received: dict[str, RAMBlock]) -> None:
@@ -75,11 +60,11 @@ def assert_same(blocks: list[RAMBlock], received: dict[str, RAMBlock]) -> None:
 
 @pytest.mark.parametrize("channels", [1, 2, 4, 16])
 async def test_memory_streams_channels(channels: int) -> None:
-    blocks = make_blocks({"pc.ram": 2 << 20, "pc.bios": 256 << 10}, 4096)
-    net = MemoryNetwork()
-    res = await run_migration(blocks, net.connect, net.accept, channels=channels)
-    assert_same(blocks, res["blocks"])
-    src, dst = res["src"], res["stats"]
+    blocks = image_blocks({"pc.ram": 2 << 20, "pc.bios": 256 << 10}, 4096)
+    res = await run_migration(blocks, channels=channels)
+    assert_same(blocks, res.dst_blocks)
+    src, dst = res.src_stats, res.dst_stats
+    assert src is not None and dst is not None
     assert src.status == dst.status == "completed"
     assert src.normal_pages == dst.normal_pages > 0
     assert src.zero_pages == dst.zero_pages > 0
@@ -92,26 +77,18 @@ async def test_memory_streams_channels(channels: int) -> None:
 @pytest.mark.parametrize("page_size", [4096, 65536])
 @pytest.mark.parametrize("channels", [2, 4])
 async def test_rounds_with_changing_pages_tcp(page_size: int, channels: int) -> None:
-    blocks = make_blocks({"pc.ram": 4 << 20, "vga.vram": 1 << 20, "pc.rom": 128 << 10}, page_size)
-    async with await open_tcp_acceptor("127.0.0.1", 0) as acceptor:
-        res = await run_migration(
-            blocks,
-            tcp_connector("127.0.0.1", acceptor.port),
-            acceptor,
-            channels=channels,
-            rounds=4,
-            dirty_per_round=40,
-        )
-    assert_same(blocks, res["blocks"])
-    assert res["stats"].rounds == res["src"].rounds == 4  # both ends count the same rounds
+    blocks = image_blocks({"pc.ram": 4 << 20, "vga.vram": 1 << 20, "pc.rom": 128 << 10}, page_size)
+    res = await run_migration(blocks, "tcp", channels=channels, rounds=4, dirty_per_round=40)
+    assert_same(blocks, res.dst_blocks)
+    assert res.dst_stats and res.src_stats
+    assert res.dst_stats.rounds == res.src_stats.rounds == 4  # both ends count the same rounds
 
 
 async def test_destination_blocks_given() -> None:
-    blocks = make_blocks({"ram": 1 << 20}, 4096)
+    blocks = image_blocks({"ram": 1 << 20}, 4096)
     target = [RAMBlock("ram", bytearray(b"\xaa" * (1 << 20)))]  # stale contents everywhere
-    net = MemoryNetwork()
-    res = await run_migration(blocks, net.connect, net.accept, channels=2, dest_blocks=target)
-    assert res["blocks"]["ram"] is target[0]
+    res = await run_migration(blocks, channels=2, dest_blocks=target)
+    assert res.dst_blocks["ram"] is target[0]
     assert bytes(target[0].memory) == bytes(blocks[0].memory)  # zero pages were zeroed too
 
 
@@ -137,20 +114,13 @@ async def test_file_blocks_written_inline_until_a_write_is_slow(
         real(block, spans, views)
 
     monkeypatch.setattr(landing, "write_spans", spy)
-    blocks = make_blocks({"ram": 16 << 20}, 4096)
+    blocks = image_blocks({"ram": 16 << 20}, 4096)
     target = RAMBlock.from_file("ram", tmp_path / "ram.img", 16 << 20, create=True)
     try:
-        net = MemoryNetwork()
         res = await run_migration(
-            blocks,
-            net.connect,
-            net.accept,
-            channels=2,
-            rounds=3,
-            dirty_per_round=50,
-            dest_blocks=[target],
+            blocks, channels=2, rounds=3, dirty_per_round=50, dest_blocks=[target]
         )
-        assert res["blocks"]["ram"] is target
+        assert res.dst_blocks["ram"] is target
     finally:
         target.close()
     assert (tmp_path / "ram.img").read_bytes() == bytes(blocks[0].memory)
@@ -179,102 +149,57 @@ async def test_sync_barrier_orders_rounds_with_uneven_channels() -> None:
             )
 
     write_round(1)
-    net = MemoryNetwork()
-    accepted = 0
 
-    async def accept():
-        nonlocal accepted
-        stream = await net.accept()
-        accepted += 1
+    def next_round(r: int, _: LoopbackRun) -> None:
+        write_round(r + 1)
+        block.mark_all_dirty()
+
+    res = await run_loopback(
+        [block],
+        rounds=5,
+        between_rounds=next_round,
         # connection 2 is multifd channel 0 (main first): make it slow
-        return SlowStream(stream, 0.002) if accepted == 2 else stream
-
-    result = {}
-    with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-
-            async def destination() -> None:
-                async with open_destination(accept, channels=4) as dst:
-                    await dst.wait()
-                result["blocks"] = dst.blocks
-
-            nursery.start_soon(destination)
-            async with open_source([block], net.connect, channels=4) as src:
-                for r in range(2, 6):
-                    await src.send_round()
-                    write_round(r)
-                    block.mark_all_dirty()
-                await src.complete()
-    assert result["blocks"]["pc.ram"].host.tobytes() == bytes(mem)
+        wrap_accept=counting(lambda n, stream: SlowStream(stream, 0.002) if n == 2 else stream),
+        source={"channels": 4},
+        destination={"channels": 4},
+        timeout=TIMEOUT,
+    )
+    assert res.dst_blocks["pc.ram"].host.tobytes() == bytes(mem)
 
 
 async def test_cancel_source_mid_migration_ends_both_sides(no_leaks: None) -> None:
-    blocks = make_blocks({"pc.ram": 8 << 20}, 4096)
-    errors: dict[str, BaseException] = {}
-    async with await open_tcp_acceptor("127.0.0.1", 0) as acceptor:
-        with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as nursery:
-
-                async def destination() -> None:
-                    try:
-                        async with open_destination(acceptor, channels=4) as dst:
-                            await dst.wait()
-                    except MultiFDError as exc:
-                        errors["dst"] = exc
-
-                nursery.start_soon(destination)
-                with trio.CancelScope() as cancel:
-                    async with open_source(
-                        blocks, tcp_connector("127.0.0.1", acceptor.port), channels=4
-                    ) as src:
-                        await src.send_round()
-                        cancel.cancel()
-                        await src.complete()
-                assert cancel.cancelled_caught
-                assert src.stats.status == "cancelled"
-    assert isinstance(errors["dst"], ChannelClosed), errors
+    res = await run_loopback(
+        image_blocks({"pc.ram": 8 << 20}, 4096),
+        transport="tcp",
+        rounds=2,
+        between_rounds=lambda r, run: run.cancel_source(),  # then complete() is cancelled
+        source={"channels": 4},
+        destination={"channels": 4},
+        capture_errors=True,
+        timeout=TIMEOUT,
+    )
+    assert res.src_cancelled
+    assert res.source is not None and res.source.stats.status == "cancelled"
+    assert isinstance(res.dst_error, ChannelClosed), res.dst_error
 
 
 @pytest.mark.parametrize("transport", ["memory", "tcp"])
 async def test_channel_dies_mid_packet(transport: str, no_leaks: None) -> None:
-    blocks = make_blocks({"pc.ram": 4 << 20}, 4096)
-    errors: dict[str, BaseException] = {}
-    acceptor = await open_tcp_acceptor("127.0.0.1", 0)
-    net = MemoryNetwork()
-    base_connect = (
-        net.connect if transport == "memory" else tcp_connector("127.0.0.1", acceptor.port)
+    res = await run_loopback(
+        image_blocks({"pc.ram": 4 << 20}, 4096),
+        transport=transport,
+        # channel 1 (the third connection) dies in the middle of its first data packet
+        wrap_connect=counting(lambda n, s: DyingStream(s, 64 + 1344 + 5000) if n == 3 else s),
+        source={"channels": 3},
+        destination={"channels": 3},
+        capture_errors=True,
+        timeout=10,
     )
-    accept = net.accept if transport == "memory" else acceptor
-    opened = 0
-
-    async def connect():
-        nonlocal opened
-        stream = await base_connect()
-        opened += 1
-        # channel 1 dies in the middle of its first data packet
-        return DyingStream(stream, 64 + 1344 + 5000) if opened == 3 else stream
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-
-            async def destination() -> None:
-                try:
-                    async with open_destination(accept, channels=3) as dst:
-                        await dst.wait()
-                except MultiFDError as exc:
-                    errors["dst"] = exc
-
-            nursery.start_soon(destination)
-            try:
-                async with open_source(blocks, connect, channels=3) as src:
-                    await src.complete()
-            except MultiFDError as exc:
-                errors["src"] = exc
-    await acceptor.aclose()
-    assert isinstance(errors["src"], ChannelError) and errors["src"].channel == 1, errors
+    errors = (res.src_error, res.dst_error)
+    assert isinstance(res.src_error, ChannelError) and res.src_error.channel == 1, errors
     # the destination sees a channel (the dying one, or the main channel the source then
     # closed) end before the migration completed
-    assert isinstance(errors["dst"], ChannelClosed), errors
+    assert isinstance(res.dst_error, ChannelClosed), errors
 
 
 async def test_bad_config_is_refused() -> None:
@@ -292,61 +217,43 @@ async def test_bad_config_is_refused() -> None:
 
 
 async def test_cancel_destination_mid_migration_ends_both_sides(no_leaks: None) -> None:
-    blocks = make_blocks({"pc.ram": 16 << 20}, 4096)
-    errors: dict[str, BaseException] = {}
-    async with await open_tcp_acceptor("127.0.0.1", 0) as acceptor:
-        with trio.fail_after(TIMEOUT):
-            async with trio.open_nursery() as nursery:
-                cancel = trio.CancelScope()
+    blocks = image_blocks({"pc.ram": 16 << 20}, 4096)
 
-                async def destination() -> None:
-                    with cancel:
-                        async with open_destination(acceptor, channels=2) as dst:
-                            await dst.wait()
-                    errors["dst-status"] = dst.stats.status  # type: ignore[assignment]
+    def between_rounds(r: int, run: LoopbackRun) -> None:
+        if r == 1:
+            run.cancel_destination()  # the embedding app gives up on the destination
+        if r <= 20:  # the source keeps going (20 more rounds) until it notices
+            blocks[0].mark_all_dirty()
 
-                nursery.start_soon(destination)
-                try:
-                    async with open_source(
-                        blocks, tcp_connector("127.0.0.1", acceptor.port), channels=2
-                    ) as src:
-                        await src.send_round()
-                        cancel.cancel()  # the embedding app gives up on the destination
-                        for _ in range(20):  # the source keeps going until it notices
-                            src.blocks[0].mark_all_dirty()
-                            await src.send_round()
-                        await src.complete()
-                except MultiFDError as exc:
-                    errors["src"] = exc
-    assert errors["dst-status"] == "cancelled"
-    assert isinstance(errors["src"], ChannelClosed), errors
+    res = await run_loopback(
+        blocks,
+        transport="tcp",
+        rounds=22,
+        between_rounds=between_rounds,
+        source={"channels": 2},
+        destination={"channels": 2},
+        capture_errors=True,
+        timeout=TIMEOUT,
+    )
+    assert res.dst.status == "cancelled"
+    assert isinstance(res.src_error, ChannelClosed), res.src_error
 
 
 async def test_unix_socket_transport(tmp_path) -> None:
-    from multifd_core import open_unix_acceptor, unix_connector
-
-    blocks = make_blocks({"pc.ram": 2 << 20}, 4096)
-    path = tmp_path / "mig.sock"
-    async with await open_unix_acceptor(path) as acceptor:
-        res = await run_migration(
-            blocks, unix_connector(path), acceptor, channels=3, rounds=2, dirty_per_round=10
-        )
-    assert_same(blocks, res["blocks"])
+    blocks = image_blocks({"pc.ram": 2 << 20}, 4096)
+    async with open_link("unix", path=tmp_path / "mig.sock") as link:
+        res = await run_migration(blocks, link, channels=3, rounds=2, dirty_per_round=10)
+    assert_same(blocks, res.dst_blocks)
 
 
 async def test_destination_completes_while_source_context_stays_open() -> None:
-    blocks = make_blocks({"pc.ram": 1 << 20}, 4096)
+    blocks = image_blocks({"pc.ram": 1 << 20}, 4096)
     net = MemoryNetwork()
-    done = trio.Event()
+    dst = DestinationRun()
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-
-            async def destination() -> None:
-                async with open_destination(net.accept, channels=2) as dst:
-                    await dst.wait()
-                done.set()
-
-            nursery.start_soon(destination)
+            nursery.start_soon(lambda: run_destination(net.accept, dst, channels=2))
             async with open_source(blocks, net.connect, channels=2) as src:
                 await src.complete()
-                await done.wait()  # would hang if the source kept its streams open
+                await dst.done.wait()  # would hang if the source kept its streams open
+    assert dst.error is None and dst.stats is not None

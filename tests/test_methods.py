@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from multifd_core import MethodInfo, MultiFDMethod, RecvContext, SendContext, hookimpl, load_methods
+from multifd_core import (
+    MethodInfo,
+    MultiFDMethod,
+    RecvContext,
+    SendContext,
+    hookimpl,
+    load_methods,
+)
 from multifd_core.errors import (
     ConfigError,
     DecompressionError,
@@ -92,6 +99,21 @@ def mine(registry, text: str) -> list:
 # --- the built-in method --------------------------------------------------------------------
 
 
+def conflicting(site, *dists: tuple[str, str, int], refused: tuple = ()):
+    """Install fake method distributions ``(distribution, name, value)``; return the registry
+    and its one conflict (there must be exactly one), which every key in ``refused`` raises."""
+    for dist in dists:
+        site.method_dist(*dist)
+    registry = load_methods()
+    conflicts = [p for p in registry.problems if isinstance(p, PluginConflictError)]
+    assert len(conflicts) == 1, conflicts
+    for key in refused:
+        with pytest.raises(PluginConflictError) as info:
+            registry.get(key)
+        assert info.value is conflicts[0]
+    return registry, conflicts[0]
+
+
 def test_nocomp_is_built_in():
     registry = load_methods()
     info = registry.get(0)
@@ -154,18 +176,15 @@ def test_entry_points_can_be_skipped(site):
 
 
 def test_two_distributions_same_value(site):
-    site.method_dist("fake_alpha", "alpha", 5)
-    site.method_dist("fake_beta", "beta", 5)
-    site.method_dist("fake_gamma", "gamma", 6)
-    registry = load_methods()
-    conflicts = [p for p in registry.problems if isinstance(p, PluginConflictError)]
-    assert len(conflicts) == 1
-    msg = str(conflicts[0])
+    registry, conflict = conflicting(
+        site,
+        ("fake_alpha", "alpha", 5),
+        ("fake_beta", "beta", 5),
+        ("fake_gamma", "gamma", 6),
+        refused=(5, "alpha", "beta"),
+    )
+    msg = str(conflict)
     assert "fake_alpha 1.0" in msg and "fake_beta 1.0" in msg and "value 5" in msg
-    for key in (5, "alpha", "beta"):
-        with pytest.raises(PluginConflictError) as info:
-            registry.get(key)
-        assert info.value is conflicts[0]
     assert registry.get(6).name == "gamma"
     assert registry.get(0).name == "none"
     with pytest.raises(PluginConflictError):
@@ -173,29 +192,25 @@ def test_two_distributions_same_value(site):
 
 
 def test_three_distributions_same_value(site):
-    for dist, name in (("fake_a", "alpha"), ("fake_b", "beta"), ("fake_c", "gamma")):
-        site.method_dist(dist, name, 5)
-    registry = load_methods()
-    conflicts = [p for p in registry.problems if isinstance(p, PluginConflictError)]
-    assert len(conflicts) == 1
-    for key in (5, "alpha", "beta", "gamma"):
-        with pytest.raises(PluginConflictError) as info:
-            registry.get(key)
-        assert info.value is conflicts[0]
+    registry, _ = conflicting(
+        site,
+        ("fake_a", "alpha", 5),
+        ("fake_b", "beta", 5),
+        ("fake_c", "gamma", 5),
+        refused=(5, "alpha", "beta", "gamma"),
+    )
     assert registry.get(0).name == "none"
 
 
 def test_two_distributions_same_name(site):
-    site.method_dist("fake_alpha", "samename", 5)
-    site.method_dist("fake_beta", "samename", 6)
-    registry = load_methods()
-    conflicts = [p for p in registry.problems if isinstance(p, PluginConflictError)]
-    assert len(conflicts) == 1
-    msg = str(conflicts[0])
+    _, conflict = conflicting(
+        site,
+        ("fake_alpha", "samename", 5),
+        ("fake_beta", "samename", 6),
+        refused=(5, 6, "samename"),
+    )
+    msg = str(conflict)
     assert "fake_alpha 1.0" in msg and "fake_beta 1.0" in msg and "'samename'" in msg
-    for key in (5, 6, "samename"):
-        with pytest.raises(PluginConflictError):
-            registry.get(key)
 
 
 def test_same_entry_point_name_in_two_distributions(site):

@@ -18,16 +18,18 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from multifd_core import MemoryNetwork, RAMBlock, open_destination, open_source
+from multifd_core import MemoryNetwork, RAMBlock, open_source
 from multifd_core.errors import MainStreamError
 from multifd_core.image import vm_like_image
 from multifd_core.mainstream import NEED_DATA, MainStreamParser, MainStreamWriter, RoundEnd
 from multifd_core.qemu import load_manifest
+from multifd_core.testing import destination_against, tagged_page
 from multifd_core.transport import Connector, tcp_connector
 from multifd_core.wire import (
     MULTIFD_FLAG_SYNC,
@@ -110,10 +112,6 @@ class Channel:
         self.data += header
 
 
-def page(rng: random.Random, tag: int) -> bytes:
-    return tag.to_bytes(8, "little") + rng.randbytes(PS - 8)
-
-
 def build_migration(method: str) -> tuple[bytes, list[Channel], dict[str, bytearray], int]:
     """The main stream, the two channels and the memory they must produce."""
     rng = random.Random(4)
@@ -135,17 +133,17 @@ def build_migration(method: str) -> tuple[bytes, list[Channel], dict[str, bytear
     # round 1: numbers skip (0 -> 5) and repeat (5 twice, 7 on both channels)
     w.section_part()
     w.zero_page(RAM, 20 * PS)
-    a = [put(RAM, i * PS, page(rng, 100 + i)) for i in range(3)]
+    a = [put(RAM, i * PS, tagged_page(rng, 100 + i)) for i in range(3)]
     ch[0].pages(RAM, [0, PS, 2 * PS], a, 5)
-    ch[0].pages(RAM, [3 * PS], [put(RAM, 3 * PS, page(rng, 103))], 5)
+    ch[0].pages(RAM, [3 * PS], [put(RAM, 3 * PS, tagged_page(rng, 103))], 5)
     # page 1 again, same data, same round, on the other channel (QEMU's duplicate)
     ch[1].pages(RAM, [PS], [a[1]], 7)
-    bios = [put(BIOS, i * PS, page(rng, 200 + i)) for i in range(4)]
+    bios = [put(BIOS, i * PS, tagged_page(rng, 200 + i)) for i in range(4)]
     ch[1].pages(BIOS, [0, PS, 2 * PS, 3 * PS], bios, 7)
     # page 10 gets data now and becomes a zero page in round 2
-    ch[1].pages(RAM, [10 * PS], [page(rng, 110)], 8)
+    ch[1].pages(RAM, [10 * PS], [tagged_page(rng, 110)], 8)
     # a SYNC on a page-carrying packet, then an empty flags-0 packet with the same number
-    b = [put(RAM, i * PS, page(rng, 104 + i)) for i in (4, 5)]
+    b = [put(RAM, i * PS, tagged_page(rng, 104 + i)) for i in (4, 5)]
     ch[0].pages(RAM, [4 * PS, 5 * PS], b, 9, sync=True)
     ch[0].empty(9, sync=False, leftovers=True)
     ch[1].empty(9, sync=True, leftovers=True)
@@ -156,12 +154,12 @@ def build_migration(method: str) -> tuple[bytes, list[Channel], dict[str, bytear
     w.section_part()
     w.zero_page(RAM, 10 * PS)
     expect[RAM][10 * PS : 11 * PS] = bytes(PS)
-    ch[1].pages(RAM, [0], [put(RAM, 0, page(rng, 300))], 10)
-    again = put(RAM, 6 * PS, page(rng, 106))
+    ch[1].pages(RAM, [0], [put(RAM, 0, tagged_page(rng, 300))], 10)
+    again = put(RAM, 6 * PS, tagged_page(rng, 106))
     ch[1].pages(RAM, [6 * PS], [again], 11)
     ch[1].pages(RAM, [6 * PS], [again], 11)
     ch[1].empty(12, sync=True, leftovers=True)
-    bios0 = put(BIOS, 0, page(rng, 400))
+    bios0 = put(BIOS, 0, tagged_page(rng, 400))
     ch[0].pages(BIOS, [0], [bios0], 12)
     ch[0].pages(BIOS, [0], [bios0], 14)
     ch[0].empty(12, sync=True)
@@ -170,7 +168,7 @@ def build_migration(method: str) -> tuple[bytes, list[Channel], dict[str, bytear
     # round 3, the end: page 5 again, now on channel 1, in a page-carrying SYNC with its empty
     # twin; then extra SYNC rounds after the main stream has ended
     w.section_end()
-    last = [put(RAM, 5 * PS, page(rng, 505)), put(RAM, 63 * PS, page(rng, 563))]
+    last = [put(RAM, 5 * PS, tagged_page(rng, 505)), put(RAM, 63 * PS, tagged_page(rng, 563))]
     ch[1].pages(RAM, [5 * PS, 63 * PS], last, 15, sync=True)
     ch[1].empty(15, sync=False)
     ch[0].empty(16, sync=True, leftovers=True)
@@ -195,11 +193,10 @@ async def test_qemu_quirks_all_at_once(method: str) -> None:
         for stream in streams:
             await stream.aclose()
 
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(source)
-            async with open_destination(net.accept, channels=2, method=method) as dst:
-                stats = await dst.wait()
+    dst = await destination_against(source, net.accept, timeout=10, channels=2, method=method)
+    assert dst.error is None, repr(dst.error)
+    stats = dst.stats
+    assert stats is not None
     assert stats.status == "completed"
     assert stats.rounds == rounds
     for name, memory in expect.items():
@@ -319,30 +316,58 @@ def test_channels_before_main_complete(lab: qh.Lab) -> None:
     assert qh.block_image(snap, BIOS) == bios
 
 
-def raw_connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    return sock
+@contextmanager
+def channels_only(port: int, n: int) -> Iterator[list[socket.socket]]:
+    """``n`` connections to ``port`` that each sent their multifd init packet, closed after."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+    try:
+        for cid, sock in enumerate(socks):
+            sock.sendall(MultiFDInit(cid).encode())
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _tcp_queues(local: tuple[str, int], remote: tuple[str, int]) -> tuple[int, int] | None:
+    """(tx, rx) queue bytes of the IPv4 TCP socket ``local`` -> ``remote``, from /proc."""
+
+    def hexaddr(addr: tuple[str, int]) -> str:
+        return f"{socket.inet_aton(addr[0])[::-1].hex().upper()}:{addr[1]:04X}"
+
+    want = (hexaddr(local), hexaddr(remote))
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (fields[1], fields[2]) == want:
+            tx, rx = fields[4].split(":")
+            return int(tx, 16), int(rx, 16)
+    return None
+
+
+def wait_read_by_peer(socks: Sequence[socket.socket], timeout: float = 10) -> None:
+    """Wait until the process at the other end of every one of ``socks`` has read all they
+    sent (nothing queued on either side: both ends are on this host)."""
+    deadline = time.monotonic() + timeout
+    for sock in socks:
+        mine, theirs = sock.getsockname(), sock.getpeername()
+        while _tcp_queues(mine, theirs) != (0, 0) or _tcp_queues(theirs, mine) != (0, 0):
+            assert time.monotonic() < deadline, "the peer did not read what was sent"
+            time.sleep(0.01)
 
 
 def test_channels_then_a_main_that_dies(lab: qh.Lab) -> None:
     """Init packets first, then a main channel that sends its magic and closes: a clear error."""
     save = lab.qemu_save(lab.tmp / "snap", channels=2, method="none", timeout=10)
     assert save.port is not None
-    socks = [raw_connect(save.port) for _ in range(2)]
-    try:
-        for cid, sock in enumerate(socks):
-            sock.sendall(MultiFDInit(cid).encode())
-        time.sleep(0.2)
-        main = raw_connect(save.port)
+    with channels_only(save.port, 2) as socks:
+        wait_read_by_peer(socks)  # qemu-save has taken both channels' init packets
+        main = socket.create_connection(("127.0.0.1", save.port), timeout=5)
         socks.append(main)
         main.sendall(b"QEVM\x00\x00\x00\x03")
         main.close()
         t0 = time.monotonic()
         assert save.wait(20) == 1
         assert time.monotonic() - t0 < 10
-    finally:
-        for sock in socks:
-            sock.close()
     err = save.stderr()
     assert err.startswith("multifd qemu-save: error: ChannelClosed: "), err
     assert "main stream truncated" in err
@@ -352,15 +377,9 @@ def test_channels_and_no_main(lab: qh.Lab) -> None:
     """Init packets and no main channel ever: qemu-save gives up after --timeout."""
     save = lab.qemu_save(lab.tmp / "snap", channels=2, method="none", timeout=2)
     assert save.port is not None
-    socks = [raw_connect(save.port) for _ in range(2)]
-    try:
-        for cid, sock in enumerate(socks):
-            sock.sendall(MultiFDInit(cid).encode())
+    with channels_only(save.port, 2):
         t0 = time.monotonic()
         assert save.wait(20) == 1
         assert time.monotonic() - t0 < 10
-    finally:
-        for sock in socks:
-            sock.close()
     err = save.stderr()
     assert "MigrationTimeout" in err and "2 of 3 connections" in err, err

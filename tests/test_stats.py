@@ -18,7 +18,7 @@ COUNTERS = {f.name for f in dataclasses.fields(MigrationStats)} | {
     f.name for f in dataclasses.fields(ChannelStats)
 }
 #: Field names other classes also use for their own attributes (``self.channels = ...``).
-SHARED_NAMES = {"role", "channels", "method", "page_size", "id"}
+SHARED_NAMES = {"role", "channels", "method", "page_size", "id", "error"}
 
 
 def test_counting_methods() -> None:

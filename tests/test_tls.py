@@ -8,18 +8,10 @@ both sides promptly, each with a typed error saying why, and leave no socket beh
 
 from __future__ import annotations
 
-import ast
 import json
-import os
 import random
-import shutil
-import signal
 import ssl
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +19,7 @@ from typing import Any
 import pytest
 import trio
 import trustme
+from procs import finish, receiver, run
 
 from multifd_core import (
     RAMBlock,
@@ -48,6 +41,7 @@ from multifd_core.errors import (
     TLSError,
 )
 from multifd_core.image import vm_like_image
+from multifd_core.testing import Accept, Link, LoopbackRun, open_link, random_files, run_loopback
 from multifd_core.transport import ChannelIO, Connector
 
 PS = 4096
@@ -128,54 +122,49 @@ async def run_migration(
     random_data: bool = False,
 ) -> Outcome:
     """One migration over loopback TCP: the destination listens with ``server`` (None: plain),
-    the source connects through ``connect_wrap(tcp_connector)``. Each end's result or error."""
+    the source connects through ``connect_wrap(tcp_connector)``; a failed destination closes
+    its listener (as ``multifd recv`` exiting). Each end's result or error."""
     out = Outcome()
     out.memory = (
         bytearray(random.Random(size).randbytes(size)) if random_data else vm_like_image(size)
     )
     block = RAMBlock("ram", out.memory)
-    async with await open_tcp_acceptor("127.0.0.1", 0) as plain:
-        acceptor: Any = plain
-        if server is not None:
-            tls = tls_acceptor(plain, server)
 
-            async def recording() -> trio.abc.Stream:
-                stream = await tls()
-                out.server_streams.append(stream)
-                return stream
+    def guest_writes(r: int, _: LoopbackRun) -> None:
+        for i in range(0, size, 97 * PS):  # the guest keeps writing
+            out.memory[i : i + 8] = (r - 1).to_bytes(8, "little")
+            block.mark_dirty(i, 8)
 
-            acceptor = recording
-        start = trio.current_time()
-        with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
+    def with_tls(accept: Accept) -> Accept:
+        if server is None:
+            return accept
+        tls = tls_acceptor(accept, server)
 
-                async def destination() -> None:
-                    try:
-                        async with open_destination(
-                            acceptor, channels=channels, method=method
-                        ) as dst:
-                            out.dst = await dst.wait()
-                        out.received = dst.blocks["ram"].host.tobytes()
-                    except MultiFDError as exc:
-                        out.dst = exc
-                        await plain.aclose()  # as `multifd recv` exiting: refuse the rest
-                    out.dst_seconds = trio.current_time() - start
+        async def recording() -> trio.abc.Stream:
+            stream = await tls()
+            out.server_streams.append(stream)
+            return stream
 
-                nursery.start_soon(destination)
-                connect = connect_wrap(tcp_connector("127.0.0.1", plain.port))
-                try:
-                    async with open_source(
-                        [block], connect, channels=channels, method=method
-                    ) as src:
-                        for r in range(rounds - 1):
-                            await src.send_round()
-                            for i in range(0, size, 97 * PS):  # the guest keeps writing
-                                out.memory[i : i + 8] = r.to_bytes(8, "little")
-                                block.mark_dirty(i, 8)
-                        out.src = await src.complete()
-                except MultiFDError as exc:
-                    out.src = exc
-                out.src_seconds = trio.current_time() - start
+        return recording
+
+    run = await run_loopback(
+        [block],
+        transport="tcp",
+        rounds=rounds,
+        between_rounds=guest_writes,
+        wrap_connect=connect_wrap,
+        wrap_accept=with_tls,
+        source={"channels": channels, "method": method},
+        destination={"channels": channels, "method": method},
+        close_on_error=True,
+        capture_errors=True,
+        timeout=20,
+    )
+    out.src = run.src_error or run.src_stats
+    out.dst = run.dst_error or run.dst_stats
+    out.src_seconds, out.dst_seconds = run.src_seconds, run.dst.seconds
+    if run.dst_stats is not None:
+        out.received = run.dst_blocks["ram"].host.tobytes()
     return out
 
 
@@ -345,35 +334,34 @@ async def test_silent_client_does_not_block_other_connections(pki: PKI, no_leaks
     connections are accepted and handshaken meanwhile, and the migration's data arrives."""
     server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
     memory = vm_like_image(1 << 20)
-    block = RAMBlock("ram", memory)
-    result: dict[str, Any] = {}
     ctx = client_context(ca_file=pki.ca)
-    async with await open_tcp_acceptor("127.0.0.1", 0) as acc:
-        silent = await trio.open_tcp_stream("127.0.0.1", acc.port)
-        with trio.fail_after(15):
-            async with trio.open_nursery() as nursery:
+    silent_accepted = trio.Event()
+    async with open_link("tcp") as link:
+        silent = await trio.open_tcp_stream("127.0.0.1", link.address)
 
-                async def destination() -> None:
-                    try:
-                        async with open_destination(
-                            tls_acceptor(acc, server), channels=2, handshake_timeout=3
-                        ) as dst:
-                            result["dst"] = dst
-                            await dst.wait()
-                    except MultiFDError as exc:  # the silent one timing out, at the end
-                        result["error"] = exc
+        async def accept() -> trio.abc.Stream:
+            stream = await link.accept()
+            silent_accepted.set()  # the silent connection is accepted first
+            return stream
 
-                nursery.start_soon(destination)
-                await trio.sleep(0.3)  # the silent connection is accepted first
-                connect = tls_connector(
-                    tcp_connector("127.0.0.1", acc.port), ctx, "localhost", handshake_timeout=2
-                )
-                # a handshake held up behind the silent one (3 s) would time out here (2 s)
-                async with open_source([block], connect, channels=2) as src:
-                    result["src"] = await src.complete()
+        async def connect() -> trio.abc.Stream:
+            await silent_accepted.wait()
+            # a handshake held up behind the silent one (3 s) would time out here (2 s)
+            return await tls_connector(link.connect, ctx, "localhost", handshake_timeout=2)()
+
+        run = await run_loopback(
+            [RAMBlock("ram", memory)],
+            transport=Link(connect, tls_acceptor(accept, server)),
+            source={"channels": 2},
+            destination={"channels": 2, "handshake_timeout": 3},
+            capture_errors=True,  # the destination's: the silent one timing out, at the end
+            timeout=15,
+        )
         await silent.aclose()
-    assert result["src"].status == "completed"
-    assert result["dst"].blocks["ram"].host.tobytes() == bytes(memory)
+    assert run.src_error is None and run.src_stats is not None
+    assert run.src_stats.status == "completed"
+    assert run.dst.destination is not None
+    assert run.dst.destination.blocks["ram"].host.tobytes() == bytes(memory)
 
 
 async def test_destination_handshake_timeout(pki: PKI, no_leaks: None) -> None:
@@ -559,79 +547,15 @@ async def test_close_is_bounded_when_the_peer_does_not_read(pki: PKI) -> None:
 
 # --- the command ----------------------------------------------------------------------------
 
-_script = shutil.which("multifd", path=os.path.dirname(sys.executable))
-MULTIFD = [_script] if _script else [sys.executable, "-m", "multifd_core.cli"]
-CLI_TIMEOUT = 30
 
-
-@contextmanager
-def spawn(*args: str) -> Iterator[subprocess.Popen[str]]:
-    """Start ``multifd ARGS``; kill it by pid if it is still running when the block ends."""
-    proc = subprocess.Popen(
-        [*MULTIFD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    with proc:
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
-
-
-def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=CLI_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{proc.args!r} still running after {CLI_TIMEOUT} s")
-    return proc.returncode, out, err
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    with spawn(*args) as proc:
-        return finish(proc)
-
-
-@contextmanager
-def tls_receiver(tmp_path: Path, *args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def tls_receiver(tmp_path: Path, *args: str) -> Any:
     """``multifd recv`` on 127.0.0.1:0 into tmp_path/out; yields it and its port."""
-    ready = tmp_path / "ready"
-    with spawn(
-        "recv",
-        "--listen",
-        "127.0.0.1:0",
-        "--output",
-        str(tmp_path / "out"),
-        "--ready-file",
-        str(ready),
-        "--timeout",
-        "20",
-        *args,
-    ) as proc:
-        deadline = time.monotonic() + CLI_TIMEOUT
-        while True:
-            try:
-                _, port = ast.literal_eval(ready.read_text())
-                break
-            except (OSError, ValueError, SyntaxError):
-                pass
-            if proc.poll() is not None:
-                pytest.fail(f"recv exited {proc.returncode} before listening: {finish(proc)[2]}")
-            if time.monotonic() > deadline:
-                pytest.fail("recv did not write its ready file")
-            time.sleep(0.01)
-        yield proc, port
+    return receiver(tmp_path / "ready", tmp_path / "out", *args, timeout=20)
 
 
 def input_files(tmp_path: Path) -> list[Path]:
-    d = tmp_path / "in"
-    d.mkdir()
-    rng = random.Random(7)
-    files = []
-    for name, size in (("a.bin", 3 << 20), ("b.bin", 10000), ("c.bin", 5 * PS)):
-        path = d / name
-        path.write_bytes(rng.randbytes(size) if name != "c.bin" else bytes(size))
-        files.append(path)
-    return files
+    sizes = {"a.bin": 3 << 20, "b.bin": 10000, "c.bin": 5 * PS}
+    return random_files(tmp_path / "in", sizes, 7, zero={"c.bin"})
 
 
 def one_error_line(err: str, command: str) -> str:
@@ -651,7 +575,7 @@ def test_cli_send_recv_over_tls(pki: PKI, tmp_path: Path, mutual: bool) -> None:
         send_args += ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
         send_args += ["--tls-hostname", "localhost"]
     with tls_receiver(tmp_path, "--channels", "3", "--json", *recv_args) as (recv, port):
-        rc, out, err = run_cli(
+        rc, out, err = run(
             "send",
             "--connect",
             f"127.0.0.1:{port}",
@@ -675,7 +599,7 @@ def test_cli_wrong_ca_fails_on_both_ends(pki: PKI, tmp_path: Path) -> None:
     recv_args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
     with tls_receiver(tmp_path, *recv_args) as (recv, port):
         start = time.monotonic()
-        rc, _, err = run_cli(
+        rc, _, err = run(
             "send", "--connect", f"127.0.0.1:{port}", "--tls-ca", str(pki.other_ca), str(files[0])
         )
         assert rc == 1
@@ -691,21 +615,17 @@ def test_cli_wrong_ca_fails_on_both_ends(pki: PKI, tmp_path: Path) -> None:
 
 def test_cli_tls_option_errors(pki: PKI, tmp_path: Path) -> None:
     f = input_files(tmp_path)[1]
-    rc, _, err = run_cli(
-        "send", "--connect", "127.0.0.1:9", "--tls-cert", str(pki.client_cert), str(f)
-    )
+    rc, _, err = run("send", "--connect", "127.0.0.1:9", "--tls-cert", str(pki.client_cert), str(f))
     assert rc == 1 and "--tls-cert needs --tls-key" in one_error_line(err, "send")
-    rc, _, err = run_cli(
-        "send", "--connect", "127.0.0.1:9", "--tls-key", str(pki.client_key), str(f)
-    )
+    rc, _, err = run("send", "--connect", "127.0.0.1:9", "--tls-key", str(pki.client_key), str(f))
     assert rc == 1 and "--tls-key needs --tls-cert" in one_error_line(err, "send")
-    rc, _, err = run_cli(
+    rc, _, err = run(
         "send", "--connect", "127.0.0.1:9", "--tls-ca", str(tmp_path / "nope.pem"), str(f)
     )
     assert rc == 1 and "nope.pem" in one_error_line(err, "send")
-    rc, _, err = run_cli("send", "--connect", "unix:/tmp/x.sock", "--tls", str(f))
+    rc, _, err = run("send", "--connect", "unix:/tmp/x.sock", "--tls", str(f))
     assert rc == 1 and "--tls-hostname" in one_error_line(err, "send")
     out = str(tmp_path / "o")
     for args in (["--tls"], ["--tls-client-ca", str(pki.ca)], ["--tls-cert", str(pki.server_cert)]):
-        rc, _, err = run_cli("recv", "--listen", "127.0.0.1:0", "--output", out, *args)
+        rc, _, err = run("recv", "--listen", "127.0.0.1:0", "--output", out, *args)
         assert rc == 1 and "needs --tls-cert and --tls-key" in one_error_line(err, "recv")

@@ -5,18 +5,22 @@ from __future__ import annotations
 import random
 import time
 import tracemalloc
+from typing import ClassVar
 
 import lz4.block
 import pytest
-import trio
 from multifd_lz4 import Lz4Method, Lz4Recv, Lz4Send, compress_bound
 
-import multifd_core
 from multifd_core.errors import ConfigError, DecompressionError
 from multifd_core.testing import (
+    PluginChecks,
+    conformance_classes,
+    context_pair,
+    interleave_two_channels,
+    round_trips,
+)
+from multifd_core.testing.pages import (
     PAGE,
-    TEXT,
-    migrate_by_name,
     mixed_pages,
     prepare_payload,
     random_runs,
@@ -25,23 +29,37 @@ from multifd_core.testing import (
 
 
 def pair(**options: object) -> tuple[Lz4Send, Lz4Recv]:
-    method = Lz4Method(**options)
-    send, recv = method.send_setup(0), method.recv_setup(0)
-    assert isinstance(send, Lz4Send) and isinstance(recv, Lz4Recv)
-    return send, recv
+    return context_pair(Lz4Method(**options), Lz4Send, Lz4Recv)
 
 
-# --- registration and options ---------------------------------------------------------------
+# --- the kit: multifd_core's conformance kit and the checks every plugin shares -----------------
 
 
-def test_registered_through_entry_point() -> None:
-    registry = multifd_core.load_methods()
-    info = registry.get("lz4")
-    assert info.value == 3 and info.cls is Lz4Method
-    assert info.distribution.startswith("multifd-lz4 ")
-    assert registry.get(3) is info
-    assert Lz4Method.threaded and not Lz4Method.raw_payload
-    assert Lz4Method().flags == 0x6
+TestLz4Conformance, TestLz4ConformanceOtherLevel = conformance_classes(
+    Lz4Method, {}, {"acceleration": "8"}
+)
+
+
+class TestLz4Plugin(PluginChecks):
+    """Registration, zero/random/text pages (128 zero pages under 4 KiB), two interleaved
+    channels, the engine by name; a payload decoding past its pages is corrupt."""
+
+    name, value, distribution = "lz4", 3, "multifd-lz4"
+    engine_options: ClassVar = {"acceleration": "2"}
+    more_output_match = "corrupt"
+
+    def make_method(self, **options: object) -> Lz4Method:
+        return Lz4Method(**options)
+
+    def test_two_channels_interleaved(self) -> None:
+        """Two channels interleaved, and the packets independent."""
+        payloads = interleave_two_channels(Lz4Method())
+        # no history: any context decodes any packet, in any order
+        for payload, pages in reversed(payloads):
+            assert receive_payload(Lz4Recv(), payload, 16) == b"".join(pages)
+
+
+# --- options ----------------------------------------------------------------------------------
 
 
 def test_options() -> None:
@@ -92,42 +110,7 @@ def test_payload_is_one_plain_lz4_block() -> None:
     "options", [{}, {"acceleration": 8}, {"acceleration": 65537}, {"level": 1}, {"level": 12}]
 )
 def test_round_trip_many_packets(options: dict[str, object]) -> None:
-    send, recv = pair(**options)
-    rng = random.Random(5)
-    for i in range(40):
-        n = rng.choice([1, 2, 7, 64, 128])
-        pages = mixed_pages(n, 100 + i)
-        payload = prepare_payload(send, pages, random_runs(n, rng))
-        assert receive_payload(recv, payload, n, random_runs(n, rng)) == b"".join(pages)
-
-
-def test_zero_random_text_pages() -> None:
-    send, recv = pair()
-    rng = random.Random(7)
-    for pages in (
-        [bytes(PAGE)] * 128,
-        [rng.randbytes(PAGE) for _ in range(128)],
-        [TEXT[i * 10 : i * 10 + PAGE] for i in range(128)],
-    ):
-        payload = prepare_payload(send, pages)
-        assert receive_payload(recv, payload, len(pages)) == b"".join(pages)
-    assert len(prepare_payload(send, [bytes(PAGE)] * 128)) < 4096
-
-
-def test_two_channels_interleaved_and_packets_independent() -> None:
-    method = Lz4Method()
-    sends = [method.send_setup(0), method.send_setup(1)]
-    recvs = [method.recv_setup(0), method.recv_setup(1)]
-    payloads = []
-    for i in range(20):
-        for ch in (0, 1):
-            pages = mixed_pages(16, 1000 * ch + i)
-            payload = prepare_payload(sends[ch], pages)
-            payloads.append((payload, pages))
-            assert receive_payload(recvs[ch], payload, 16) == b"".join(pages)
-    # no history: any context decodes any packet, in any order
-    for payload, pages in reversed(payloads):
-        assert receive_payload(Lz4Recv(), payload, 16) == b"".join(pages)
+    round_trips(*pair(**options), packets=40, history=False)
 
 
 # --- hostile payloads --------------------------------------------------------------------------
@@ -150,18 +133,6 @@ def test_bomb_fails_fast_and_bounded() -> None:
         tracemalloc.stop()
     assert elapsed < 0.5
     assert peak < 64 << 10
-
-
-def test_more_output_than_pages() -> None:
-    send, recv = pair()
-    with pytest.raises(DecompressionError, match="corrupt"):
-        receive_payload(recv, prepare_payload(send, mixed_pages(3, 12)), 2)
-
-
-def test_less_output_than_pages() -> None:
-    send, recv = pair()
-    with pytest.raises(DecompressionError, match="to 12288 bytes"):
-        receive_payload(recv, prepare_payload(send, mixed_pages(3, 13)), 4)
 
 
 @pytest.mark.parametrize("cut", [1, 2, 5, 100])
@@ -196,17 +167,3 @@ def test_corrupt() -> None:
             receive_payload(recv, rng.randbytes(rng.randrange(1, 3000)), 8)
     with pytest.raises(DecompressionError, match="lz4 payload of 0 bytes"):
         receive_payload(recv, b"", 1)
-
-
-# --- through the engine -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_migration_through_the_engine(channels: int) -> None:
-    """Two rounds over in-memory channels, the method picked by name from the registry."""
-    sent, received, src, dst = trio.run(
-        lambda: migrate_by_name("lz4", {"acceleration": "2"}, channels=channels)
-    )
-    assert received == sent
-    assert src.normal_pages == dst.normal_pages > 0
-    assert dst.payload_bytes < dst.normal_pages * PAGE

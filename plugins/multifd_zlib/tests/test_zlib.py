@@ -6,17 +6,15 @@ import random
 import time
 import tracemalloc
 import zlib
+from typing import ClassVar
 
 import pytest
-import trio
 from multifd_zlib import ZlibMethod, ZlibRecv, ZlibSend
 
-import multifd_core
 from multifd_core.errors import ConfigError, DecompressionError
-from multifd_core.testing import (
+from multifd_core.testing import StreamChecks, conformance_classes, context_pair
+from multifd_core.testing.pages import (
     PAGE,
-    TEXT,
-    migrate_by_name,
     mixed_pages,
     prepare_payload,
     random_runs,
@@ -25,23 +23,30 @@ from multifd_core.testing import (
 
 
 def pair() -> tuple[ZlibSend, ZlibRecv]:
-    method = ZlibMethod()
-    send, recv = method.send_setup(0), method.recv_setup(0)
-    assert isinstance(send, ZlibSend) and isinstance(recv, ZlibRecv)
-    return send, recv
+    return context_pair(ZlibMethod(), ZlibSend, ZlibRecv)
 
 
-# --- registration and options ---------------------------------------------------------------
+# --- the kit: multifd_core's conformance kit and the checks every plugin shares -----------------
 
 
-def test_registered_through_entry_point() -> None:
-    registry = multifd_core.load_methods()
-    info = registry.get("zlib")
-    assert info.value == 1 and info.cls is ZlibMethod
-    assert info.distribution.startswith("multifd-zlib ")
-    assert registry.get(1) is info
-    assert ZlibMethod.threaded and not ZlibMethod.raw_payload
-    assert ZlibMethod().flags == 0x2
+TestZlibConformance, TestZlibConformanceOtherLevel = conformance_classes(
+    ZlibMethod, {}, {"level": "3"}
+)
+
+
+class TestZlibPlugin(StreamChecks):
+    """Registration, zero/random/text pages (128 zero pages under 4 KiB: level 1 matches are at
+    most 258 bytes, ~230:1), two interleaved channels, history, the engine by name."""
+
+    name, value, distribution = "zlib", 1, "multifd-zlib"
+    engine_options: ClassVar = {"level": "6"}
+    less_output_match = "inflates to 12288 bytes"
+
+    def make_method(self, **options: object) -> ZlibMethod:
+        return ZlibMethod(**options)
+
+
+# --- options ----------------------------------------------------------------------------------
 
 
 def test_options() -> None:
@@ -101,60 +106,6 @@ def test_level_option_changes_stream() -> None:
     assert receive_payload(ZlibRecv(), payload, 64) == b"".join(pages)
 
 
-# --- round trips --------------------------------------------------------------------------
-
-
-def test_round_trip_many_packets_with_history() -> None:
-    send, recv = pair()
-    rng = random.Random(5)
-    seen: list[bytes] = []
-    for i in range(60):
-        n = rng.choice([1, 2, 7, 64, 128])
-        pages = mixed_pages(n, 100 + i)
-        if seen and i % 3 == 0:  # pages sent before: history makes them nearly free
-            pages[: min(n, 4)] = rng.sample(seen, min(n, 4, len(seen)))
-        seen.extend(pages)
-        runs = random_runs(n, rng)
-        payload = prepare_payload(send, pages, runs)
-        assert receive_payload(recv, payload, n, random_runs(n, rng)) == b"".join(pages)
-
-
-def test_zero_random_text_pages() -> None:
-    send, recv = pair()
-    rng = random.Random(7)
-    for pages in (
-        [bytes(PAGE)] * 128,
-        [rng.randbytes(PAGE) for _ in range(128)],
-        [TEXT[i * 10 : i * 10 + PAGE] for i in range(128)],
-    ):
-        payload = prepare_payload(send, pages)
-        assert receive_payload(recv, payload, len(pages)) == b"".join(pages)
-    zero = prepare_payload(send, [bytes(PAGE)] * 128)
-    assert len(zero) < 4096  # level 1 matches are at most 258 bytes: ~230:1
-
-
-def test_two_channels_interleaved() -> None:
-    method = ZlibMethod()
-    sends = [method.send_setup(0), method.send_setup(1)]
-    recvs = [method.recv_setup(0), method.recv_setup(1)]
-    for i in range(20):
-        for ch in (0, 1):
-            pages = mixed_pages(16, 1000 * ch + i)
-            payload = prepare_payload(sends[ch], pages)
-            assert receive_payload(recvs[ch], payload, 16) == b"".join(pages)
-
-
-def test_payload_needs_its_own_stream() -> None:
-    send, recv = pair()
-    pages = mixed_pages(32, 11)
-    first = prepare_payload(send, pages)
-    second = prepare_payload(send, pages)  # refers back to the first packet's bytes
-    with pytest.raises(DecompressionError):
-        receive_payload(ZlibRecv(), second, 32)
-    assert receive_payload(recv, first, 32) == b"".join(pages)
-    assert receive_payload(recv, second, 32) == b"".join(pages)
-
-
 # --- hostile payloads --------------------------------------------------------------------------
 
 
@@ -176,20 +127,6 @@ def test_bomb_fails_fast_and_bounded() -> None:
     # one page of output, the inflate state, and the copy of the unread input zlib keeps as
     # unconsumed_tail: nothing near the 64 MiB the payload would inflate to
     assert peak < len(bomb) + (128 << 10)
-
-
-def test_more_output_than_pages() -> None:
-    send, recv = pair()
-    pages = mixed_pages(3, 12)
-    with pytest.raises(DecompressionError, match="more than"):
-        receive_payload(recv, prepare_payload(send, pages), 2)
-
-
-def test_less_output_than_pages() -> None:
-    send, recv = pair()
-    pages = mixed_pages(3, 13)
-    with pytest.raises(DecompressionError, match="inflates to 12288 bytes"):
-        receive_payload(recv, prepare_payload(send, pages), 4)
 
 
 @pytest.mark.parametrize("cut", [1, 2, 4, 5, 100])
@@ -243,30 +180,6 @@ def test_corrupt() -> None:
             receive_payload(ZlibRecv(), garbage, 8)
 
 
-def test_stream_stays_broken_after_error() -> None:
-    send, recv = pair()
-    pages = mixed_pages(4, 20)
-    first = prepare_payload(send, pages)
-    with pytest.raises(DecompressionError):
-        receive_payload(recv, first[:-1], 4)
-    with pytest.raises(DecompressionError, match="earlier error"):
-        receive_payload(recv, first, 4)
-
-
 def test_empty_payload() -> None:
     with pytest.raises(DecompressionError):
         receive_payload(ZlibRecv(), b"", 1)
-
-
-# --- through the engine -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_migration_through_the_engine(channels: int) -> None:
-    """Two rounds over in-memory channels, the method picked by name from the registry."""
-    sent, received, src, dst = trio.run(
-        lambda: migrate_by_name("zlib", {"level": "6"}, channels=channels)
-    )
-    assert received == sent
-    assert src.normal_pages == dst.normal_pages > 0
-    assert dst.payload_bytes < dst.normal_pages * PAGE

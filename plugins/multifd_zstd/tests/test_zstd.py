@@ -5,18 +5,16 @@ from __future__ import annotations
 import random
 import time
 import tracemalloc
+from typing import ClassVar
 
 import pytest
-import trio
 import zstandard
 from multifd_zstd import BLOCK_MAX, ZstdMethod, ZstdRecv, ZstdSend, compress_bound
 
-import multifd_core
 from multifd_core.errors import ConfigError, DecompressionError
-from multifd_core.testing import (
+from multifd_core.testing import StreamChecks, conformance_classes, context_pair
+from multifd_core.testing.pages import (
     PAGE,
-    TEXT,
-    migrate_by_name,
     mixed_pages,
     prepare_payload,
     random_runs,
@@ -25,10 +23,7 @@ from multifd_core.testing import (
 
 
 def pair(**options: object) -> tuple[ZstdSend, ZstdRecv]:
-    method = ZstdMethod(**options)
-    send, recv = method.send_setup(0), method.recv_setup(0)
-    assert isinstance(send, ZstdSend) and isinstance(recv, ZstdRecv)
-    return send, recv
+    return context_pair(ZstdMethod(**options), ZstdSend, ZstdRecv)
 
 
 def block(block_type: int, size: int, content: bytes = b"", last: bool = False) -> bytes:
@@ -40,17 +35,38 @@ def block(block_type: int, size: int, content: bytes = b"", last: bool = False) 
 FRAME_HEADER = b"\x28\xb5\x2f\xfd\x00" + bytes([(20 - 10) << 3])
 
 
-# --- registration and options ---------------------------------------------------------------
+# --- the kit: multifd_core's conformance kit and the checks every plugin shares -----------------
 
 
-def test_registered_through_entry_point() -> None:
-    registry = multifd_core.load_methods()
-    info = registry.get("zstd")
-    assert info.value == 2 and info.cls is ZstdMethod
-    assert info.distribution.startswith("multifd-zstd ")
-    assert registry.get(2) is info
-    assert ZstdMethod.threaded and not ZstdMethod.raw_payload
-    assert ZstdMethod().flags == 0x4
+TestZstdConformance, TestZstdConformanceOtherLevel = conformance_classes(
+    ZstdMethod, {}, {"level": "3"}
+)
+
+
+class TestZstdPlugin(StreamChecks):
+    """Registration, zero/random/text pages (128 zero pages in under 256 bytes), two interleaved
+    channels, history (a payload without the frame header is refused), the engine by name."""
+
+    name, value, distribution = "zstd", 2, "multifd-zstd"
+    engine_options: ClassVar = {"level": "3"}
+    zero_payload_limit = 256
+    own_stream_match = "frame header"
+
+    def make_method(self, **options: object) -> ZstdMethod:
+        return ZstdMethod(**options)
+
+    def test_payload_needs_its_own_stream(self) -> None:
+        super().test_payload_needs_its_own_stream()
+        send, _ = pair()
+        pages = mixed_pages(32, 11)
+        prepare_payload(send, pages)
+        second = prepare_payload(send, pages)  # no frame header, refers back to the first
+        # a frame header alone does not help: the back-references point at nothing
+        with pytest.raises(DecompressionError):
+            receive_payload(ZstdRecv(), FRAME_HEADER + second, 32)
+
+
+# --- options ----------------------------------------------------------------------------------
 
 
 def test_options() -> None:
@@ -103,58 +119,6 @@ def test_levels_round_trip() -> None:
         send, recv = pair(level=level)
         for _ in range(2):
             assert receive_payload(recv, prepare_payload(send, pages), 64) == b"".join(pages)
-
-
-def test_round_trip_many_packets_with_history() -> None:
-    send, recv = pair()
-    rng = random.Random(5)
-    seen: list[bytes] = []
-    for i in range(60):
-        n = rng.choice([1, 2, 7, 64, 128])
-        pages = mixed_pages(n, 100 + i)
-        if seen and i % 3 == 0:
-            pages[: min(n, 4)] = rng.sample(seen, min(n, 4, len(seen)))
-        seen.extend(pages)
-        payload = prepare_payload(send, pages, random_runs(n, rng))
-        assert receive_payload(recv, payload, n, random_runs(n, rng)) == b"".join(pages)
-
-
-def test_zero_random_text_pages() -> None:
-    send, recv = pair()
-    rng = random.Random(7)
-    for pages in (
-        [bytes(PAGE)] * 128,
-        [rng.randbytes(PAGE) for _ in range(128)],
-        [TEXT[i * 10 : i * 10 + PAGE] for i in range(128)],
-    ):
-        payload = prepare_payload(send, pages)
-        assert receive_payload(recv, payload, len(pages)) == b"".join(pages)
-    assert len(prepare_payload(send, [bytes(PAGE)] * 128)) < 256
-
-
-def test_two_channels_interleaved() -> None:
-    method = ZstdMethod()
-    sends = [method.send_setup(0), method.send_setup(1)]
-    recvs = [method.recv_setup(0), method.recv_setup(1)]
-    for i in range(20):
-        for ch in (0, 1):
-            pages = mixed_pages(16, 1000 * ch + i)
-            payload = prepare_payload(sends[ch], pages)
-            assert receive_payload(recvs[ch], payload, 16) == b"".join(pages)
-
-
-def test_payload_needs_its_own_stream() -> None:
-    send, recv = pair()
-    pages = mixed_pages(32, 11)
-    first = prepare_payload(send, pages)
-    second = prepare_payload(send, pages)  # no frame header, and refers back to the first packet
-    with pytest.raises(DecompressionError, match="frame header"):
-        receive_payload(ZstdRecv(), second, 32)
-    assert receive_payload(recv, first, 32) == b"".join(pages)
-    assert receive_payload(recv, second, 32) == b"".join(pages)
-    # a frame header alone does not help: the back-references point at nothing
-    with pytest.raises(DecompressionError):
-        receive_payload(ZstdRecv(), FRAME_HEADER + second, 32)
 
 
 # --- hostile payloads --------------------------------------------------------------------------
@@ -213,18 +177,6 @@ def test_window_too_large_refused() -> None:
     huge = b"\x28\xb5\x2f\xfd\x00" + bytes([(30 - 10) << 3])  # a 1 GiB window
     with pytest.raises(DecompressionError, match="corrupt"):
         receive_payload(ZstdRecv(), huge + block(1, PAGE, b"\x00"), 1)
-
-
-def test_more_output_than_pages() -> None:
-    send, recv = pair()
-    with pytest.raises(DecompressionError, match="more than"):
-        receive_payload(recv, prepare_payload(send, mixed_pages(3, 12)), 2)
-
-
-def test_less_output_than_pages() -> None:
-    send, recv = pair()
-    with pytest.raises(DecompressionError, match="to 12288 bytes"):
-        receive_payload(recv, prepare_payload(send, mixed_pages(3, 13)), 4)
 
 
 @pytest.mark.parametrize("cut", [1, 2, 3, 4, 100])
@@ -289,16 +241,6 @@ def test_corrupt() -> None:
             receive_payload(ZstdRecv(), FRAME_HEADER + block(2, len(content), content), 8)
 
 
-def test_stream_stays_broken_after_error() -> None:
-    send, recv = pair()
-    pages = mixed_pages(4, 20)
-    first = prepare_payload(send, pages)
-    with pytest.raises(DecompressionError):
-        receive_payload(recv, first[:-1], 4)
-    with pytest.raises(DecompressionError, match="earlier error"):
-        receive_payload(recv, first, 4)
-
-
 def test_empty_payload() -> None:
     with pytest.raises(DecompressionError):
         receive_payload(ZstdRecv(), b"", 1)
@@ -306,17 +248,3 @@ def test_empty_payload() -> None:
     receive_payload(recv, prepare_payload(send, mixed_pages(1, 21)), 1)
     with pytest.raises(DecompressionError):
         receive_payload(recv, b"", 1)
-
-
-# --- through the engine -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_migration_through_the_engine(channels: int) -> None:
-    """Two rounds over in-memory channels, the method picked by name from the registry."""
-    sent, received, src, dst = trio.run(
-        lambda: migrate_by_name("zstd", {"level": "3"}, channels=channels)
-    )
-    assert received == sent
-    assert src.normal_pages == dst.normal_pages > 0
-    assert dst.payload_bytes < dst.normal_pages * PAGE

@@ -13,167 +13,45 @@ channels (TCP loopback and memory streams) over several rounds, per-channel stat
 payload size bounds, bounded decompression (a payload that inflates past the packet's pages),
 truncated, corrupt and over-long payloads, and packets with another method's flags. The tests are
 plain synchronous functions (each runs its own ``trio.run``), so no pytest plugin is needed.
-Nothing here knows any particular method.
+Nothing here knows any particular method. :mod:`multifd_core.testing.plugin_checks` has the
+checks of an installed plugin (registration, stream history, the engine by name).
 """
 
 from __future__ import annotations
 
 import random
 import tracemalloc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
 
-from .boundary import library_errors
-from .destination import open_destination
-from .errors import CompressionMismatch, DecompressionError, MultiFDError
-from .image import dirty_some_pages, make_page, vm_like_image
-from .methods import MultiFDMethod, RecvContext, SendContext
-from .nocomp import NocompRecv, NocompSend
-from .ram import RAMBlock
-from .source import open_source
-from .stats import MigrationStats
-from .transport import MemoryNetwork, open_tcp_acceptor, tcp_connector
-
-PAGE = 4096
-KINDS = ("zero", "random", "text", "repeated", "single")
+from .. import MultiFDMethod, RAMBlock, RecvContext, SendContext
+from ..errors import CompressionMismatch, DecompressionError, MultiFDError
+from ..image import vm_like_image
+from ..nocomp import NocompRecv, NocompSend
+from ..stats import MigrationStats
+from .harness import run_loopback
+from .pages import PAGE, Guarded, dirty_blocks, join, prepare, sample_pages
 
 
-def sample_pages(count: int, seed: int, page_size: int = PAGE) -> list[bytes]:
-    """``count`` distinct pages of every kind."""
-    rng = random.Random(seed)
-    return [
-        make_page(seed * 100_000 + i, page_size, KINDS[i % len(KINDS)], rng) for i in range(count)
-    ]
+def identity_method(name: str, value: int) -> type[MultiFDMethod]:
+    """A method class ``name`` on compression ``value`` whose payloads are the pages as they
+    are (nocomp's contexts): a stand-in to send packets with another method's flags."""
 
-
-def _join(parts: Sequence[Any]) -> bytes:
-    return b"".join(bytes(p) for p in parts)
-
-
-def prepare(ctx: SendContext, pages: Sequence[bytes]) -> bytes:
-    """One packet's payload for ``pages`` through a send context."""
-    return _join(ctx.send_prepare([memoryview(p) for p in pages]))
-
-
-# --- helpers for a plugin's own tests --------------------------------------------------------
-
-#: Some 11 KB of compressible text: the source of the text pages of :func:`mixed_pages`.
-TEXT = b"".join(b"line %5d: the quick brown fox jumps over the lazy dog\n" % i for i in range(200))
-
-
-def mixed_pages(n: int, seed: int) -> list[bytes]:
-    """``n`` pages of a VM-like mix: zero, random, text, repeated and half-filled pages.
-
-    The same ``(n, seed)`` always gives the same pages, so golden payloads stay valid.
-    """
-    rng = random.Random(seed)
-    pages: list[bytes] = []
-    for _ in range(n):
-        kind = rng.randrange(6)
-        if kind == 0:
-            page = bytes(PAGE)
-        elif kind == 1:
-            page = rng.randbytes(PAGE)
-        elif kind == 2:
-            at = rng.randrange(len(TEXT) - PAGE)
-            page = TEXT[at : at + PAGE]
-        elif kind == 3 and pages:
-            page = rng.choice(pages)
-        elif kind == 4:
-            page = rng.randbytes(PAGE // 2) + bytes(PAGE // 2)
-        else:
-            page = bytes([rng.randrange(256)]) * 64 + rng.randbytes(64) * 63
-        pages.append(page)
-    return pages
-
-
-def page_views(buf: bytearray, runs: Sequence[int]) -> list[memoryview]:
-    """Views of ``buf`` split into runs of the given page counts (the engine sends runs).
-
-    The runs must cover ``buf`` exactly.
-    """
-    mv = memoryview(buf)
-    out, at = [], 0
-    for count in runs:
-        out.append(mv[at : at + count * PAGE])
-        at += count * PAGE
-    assert at == len(buf)
-    return out
-
-
-def random_runs(npages: int, rng: random.Random) -> list[int]:
-    """Split ``npages`` into runs of 1 to 8 pages, drawn from ``rng``."""
-    runs = []
-    while npages:
-        n = rng.randint(1, min(npages, 8))
-        runs.append(n)
-        npages -= n
-    return runs
-
-
-def prepare_payload(
-    send_ctx: SendContext, pages: Sequence[bytes], runs: Sequence[int] | None = None
-) -> bytes:
-    """One packet's payload for ``pages``, given as views of runs of ``runs`` pages (default:
-    one view a page)."""
-    src = bytearray(b"".join(pages))
-    return _join(send_ctx.send_prepare(page_views(src, runs or [1] * len(pages))))
-
-
-def receive_payload(
-    recv_ctx: RecvContext, payload: bytes, npages: int, runs: Sequence[int] | None = None
-) -> bytes:
-    """Decode ``payload`` into ``npages`` fresh pages, given as views of runs of ``runs`` pages
-    (default: one view a page); return their bytes."""
-    dst = bytearray(npages * PAGE)
-    recv_ctx.recv_pages(memoryview(payload), page_views(dst, runs or [1] * npages))
-    return bytes(dst)
-
-
-class Guarded:
-    """``npages`` destination pages inside a buffer whose edges must never be written."""
-
-    GUARD = 64 * 1024
-
-    def __init__(self, npages: int, page_size: int = PAGE) -> None:
-        self.size = npages * page_size
-        self.page_size = page_size
-        self.buf = bytearray(b"\xa5" * (self.size + 2 * self.GUARD))
-        view = memoryview(self.buf)
-        self.pages = [
-            view[self.GUARD + i * page_size : self.GUARD + (i + 1) * page_size]
-            for i in range(npages)
-        ]
-
-    def contents(self) -> bytes:
-        return bytes(self.buf[self.GUARD : self.GUARD + self.size])
-
-    def guards_intact(self) -> bool:
-        g = self.GUARD
-        return self.buf[:g] == b"\xa5" * g and self.buf[g + self.size :] == b"\xa5" * g
-
-
-class _OtherMethod(MultiFDMethod):
-    """An identity method on some other value, to send packets with the wrong flags."""
-
-    name = "conformance-other"
-    value = 7
-    threaded = False
-
-    def send_setup(self, channel: int) -> SendContext:
+    def send_setup(self: MultiFDMethod, channel: int) -> SendContext:
         return NocompSend()
 
-    def recv_setup(self, channel: int) -> RecvContext:
+    def recv_setup(self: MultiFDMethod, channel: int) -> RecvContext:
         return NocompRecv()
+
+    namespace = {"name": name, "value": value, "threaded": False}
+    namespace |= {"send_setup": send_setup, "recv_setup": recv_setup}
+    return type(f"Identity_{name}", (MultiFDMethod,), namespace)
 
 
 def _other_method(value: int) -> MultiFDMethod:
-    cls: type[MultiFDMethod] = type(
-        "OtherMethod", (_OtherMethod,), {"value": 7 if value != 7 else 6}
-    )
-    return cls()
+    return identity_method("conformance-other", 7 if value != 7 else 6)()
 
 
 async def migrate_pair(
@@ -186,35 +64,21 @@ async def migrate_pair(
     tcp: bool = True,
     seed: int = 1,
 ) -> tuple[bytes, bytes]:
-    """Migrate a VM-like image, changing pages between rounds; return (source, destination)."""
-    memory = vm_like_image(size, PAGE, seed)
-    block = RAMBlock("pc.ram", memory)
+    """Migrate a VM-like image, changing pages between rounds; return (source, destination).
+
+    Raises the destination's error (else the source's) when the migration fails."""
+    block = RAMBlock("pc.ram", vm_like_image(size, PAGE, seed))
     rng = random.Random(seed)
-    got: dict[str, RAMBlock] = {}
-    net = MemoryNetwork()
-    acceptor = await open_tcp_acceptor("127.0.0.1", 0) if tcp else None
-    connect = tcp_connector("127.0.0.1", acceptor.port) if acceptor else net.connect
-    accept = acceptor if acceptor else net.accept
-    try:
-        with trio.fail_after(120), library_errors():
-            async with trio.open_nursery() as nursery:
-
-                async def destination() -> None:
-                    async with open_destination(accept, channels=channels, method=dst_method) as d:
-                        await d.wait()
-                    got.update(d.blocks)
-
-                nursery.start_soon(destination)
-                async with open_source([block], connect, channels=channels, method=src_method) as s:
-                    for r in range(rounds - 1):
-                        await s.send_round()
-                        for off in dirty_some_pages(memory, PAGE, 64, rng, r + 1):
-                            block.mark_dirty(off)
-                    await s.complete()
-    finally:
-        if acceptor is not None:
-            await acceptor.aclose()
-    return bytes(memory), got["pc.ram"].host.tobytes()
+    run = await run_loopback(
+        [block],
+        transport="tcp" if tcp else "memory",
+        rounds=rounds,
+        between_rounds=lambda r, _: dirty_blocks([block], 64, rng, r),
+        source={"channels": channels, "method": src_method},
+        destination={"channels": channels, "method": dst_method},
+        timeout=120,
+    )
+    return bytes(block.memory), run.dst_blocks["pc.ram"].host.tobytes()
 
 
 async def migrate_by_name(
@@ -233,30 +97,16 @@ async def migrate_by_name(
     """
     rng = random.Random(channels)
     block = RAMBlock("pc.ram", vm_like_image(size, PAGE, seed), PAGE)
-    net = MemoryNetwork()
-    blocks: dict[str, RAMBlock] = {}
-    dst_stats: list[MigrationStats] = []
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-
-            async def destination() -> None:
-                async with open_destination(net.accept, channels=channels, method=method) as dst:
-                    dst_stats.append(await dst.wait())
-                blocks.update(dst.blocks)
-
-            nursery.start_soon(destination)
-            async with open_source(
-                [block],
-                net.connect,
-                channels=channels,
-                method=method,
-                method_options=method_options,
-            ) as src:
-                await src.send_round()
-                for off in dirty_some_pages(block.memory, PAGE, 300, rng, 1):
-                    block.mark_dirty(off)
-                src_stats = await src.complete()
-    return bytes(block.memory), blocks["pc.ram"].host.tobytes(), src_stats, dst_stats[0]
+    run = await run_loopback(
+        [block],
+        rounds=2,
+        between_rounds=lambda r, _: dirty_blocks([block], 300, rng, r),
+        source={"channels": channels, "method": method, "method_options": method_options},
+        destination={"channels": channels, "method": method},
+    )
+    assert run.src_stats is not None and run.dst_stats is not None
+    image = run.dst_blocks["pc.ram"].host.tobytes()
+    return bytes(block.memory), image, run.src_stats, run.dst_stats
 
 
 class MethodConformance:
@@ -341,7 +191,7 @@ class MethodConformance:
         blob = b"".join(pages)
         view = memoryview(blob)
         runs = [view[0 : 5 * PAGE], view[5 * PAGE : 6 * PAGE], view[6 * PAGE :]]
-        payload = _join(tx.send_prepare(runs))
+        payload = join(tx.send_prepare(runs))
         out = Guarded(12)
         whole = memoryview(out.buf)[Guarded.GUARD : Guarded.GUARD + 12 * PAGE]
         rx.recv_pages(memoryview(payload), [whole[: 3 * PAGE], whole[3 * PAGE :]])
@@ -424,3 +274,24 @@ class MethodConformance:
 
     def test_empty_payload_is_refused(self) -> None:
         self._expect_refused(b"", 1)
+
+
+def conformance_classes(
+    factory: Callable[..., MultiFDMethod], *option_sets: Mapping[str, Any]
+) -> list[type[MethodConformance]]:
+    """One :class:`MethodConformance` class for each of ``option_sets``, its method made by
+    ``factory(**options)``; bind them to ``Test...`` names of a test module::
+
+        TestZlibConformance, TestZlibConformanceLevel3 = conformance_classes(
+            ZlibMethod, {}, {"level": "3"}
+        )
+    """
+
+    def case(options: Mapping[str, Any]) -> type[MethodConformance]:
+        def make_method(self: MethodConformance) -> MultiFDMethod:
+            return factory(**options)
+
+        name = f"{getattr(factory, '__name__', 'Method')}Conformance"
+        return type(name, (MethodConformance,), {"make_method": make_method})
+
+    return [case(options) for options in option_sets]
