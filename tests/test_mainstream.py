@@ -47,6 +47,7 @@ from multifd_core.mainstream import (
 )
 from multifd_core.mainstream.constants import flag_names, section_name
 from multifd_core.mainstream.parser import HANDLERS
+from multifd_core.mainstream.records import RECORD_READERS
 from multifd_core.mainstream.states import TRANSITIONS, ParseContext, State
 
 PS = 4096
@@ -952,6 +953,24 @@ def test_streams_walk_the_table(batch: bool) -> None:
         for before, after in itertools.pairwise(states):
             assert after == before or after in TRANSITIONS[before]
         assert states[-1] in (State.AFTER_EOF, State.DEVICE_STATE)
+
+
+def test_a_record_kind_is_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the next QEMU dialect does (QEMU 8.1's RAM_SAVE_FLAG_MULTIFD_FLUSH): a row, a reader
+    data = PRE + part() + zero(0, b"vga") + be64(0x200) + zero(PS, None) + eos()
+    assert "MULTIFD_FLUSH" in str(parse_error(data))
+
+    def flush(ctx: ParseContext, flags: int, offset: int) -> RoundEnd:
+        ctx.pos += 8
+        return RoundEnd(flags, offset)  # stands in for the dialect's own event
+
+    monkeypatch.setitem(RECORD_READERS, 0x200, flush)  # type: ignore[index]
+    assert parse(data, eof=False)[len(PRE_EVENTS) :] == [
+        ZeroPage("vga", 0, 0),
+        RoundEnd(0x200, 0),
+        ZeroPage("vga", PS, 0),
+        RoundEnd(QEMU_VM_SECTION_PART, 1),
+    ]
 
 
 @pytest.mark.parametrize(

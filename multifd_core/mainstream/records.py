@@ -37,6 +37,7 @@ from .states import KnownBlock, ParseContext, State, Step
 #: Reads the record at ``ctx.pos`` given its flags and offset (from its be64).
 RecordReader: TypeAlias = Callable[[ParseContext, int, int], Step]
 
+#: Flags of records QEMU may send that this side does not read (named in the refusal).
 _UNSUPPORTED: Final = (
     RAM_SAVE_FLAG_XBZRLE
     | RAM_SAVE_FLAG_COMPRESS_PAGE
@@ -47,6 +48,7 @@ _UNSUPPORTED: Final = (
 
 
 def records(ctx: ParseContext) -> Step:
+    """One record of a RAM section (or a run of CONTINUE zero records, batched)."""
     buf, pos = ctx.buf, ctx.pos
     avail = len(buf) - pos
     if avail < 8:
@@ -76,10 +78,10 @@ def zero_run(ctx: ParseContext, block: KnownBlock) -> ZeroPages:
     """The buffered run of CONTINUE zero records at ``ctx.pos`` (at least one), as one event."""
     pos = ctx.pos
     n = min((len(ctx.buf) - pos) // 9, ZERO_RUN_MAX)
-    records = np.frombuffer(ctx.buf, dtype=RECORD_DTYPE, count=n, offset=pos)
-    values = records["value"].astype(np.uint64)
-    fills = records["fill"].copy()
-    del records  # no view of the buffer may outlive this call: feed() resizes it
+    raw = np.frombuffer(ctx.buf, dtype=RECORD_DTYPE, count=n, offset=pos)
+    values = raw["value"].astype(np.uint64)
+    fills = raw["fill"].copy()
+    del raw  # no view of the buffer may outlive this call: feed() resizes it
     mask = np.uint64(ctx.mask)
     same = (values & mask) == np.uint64(ZERO_CONT)
     if not same.all():
