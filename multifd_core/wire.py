@@ -10,7 +10,9 @@ import struct
 import uuid as _uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, reduce
+from operator import or_
+from typing import NoReturn
 
 from .errors import (
     BadChannelId,
@@ -256,6 +258,47 @@ class PacketRules:
         return packet_header_size(self.max_pages)
 
 
+def _refuse_head(magic: int, version: int, flags: int) -> NoReturn:
+    """The first of magic, version and flags that is wrong."""
+    if magic != MULTIFD_MAGIC:
+        raise BadMagic(f"packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}")
+    if version != MULTIFD_VERSION:
+        raise BadVersion(f"packet version {version}, expected {MULTIFD_VERSION}")
+    raise BadFlags(f"unknown flag bits {flags & ~MULTIFD_KNOWN_FLAGS:#x} in flags {flags:#x}")
+
+
+def _refuse_page_counts(normal_pages: int, zero_pages: int, pages_alloc: int) -> NoReturn:
+    if normal_pages > pages_alloc:
+        raise BadNormalPages(f"normal_pages {normal_pages} exceeds pages_alloc {pages_alloc}")
+    raise BadNormalPages(
+        f"normal_pages {normal_pages} + zero_pages {zero_pages} exceed pages_alloc {pages_alloc}"
+    )
+
+
+def _refuse_offsets(offsets: Sequence[int], name: str, size: int, page_size: int) -> NoReturn:
+    last, mask = size - page_size, page_size - 1
+    bad = next(off for off in offsets if off > last or off & mask)
+    why = "is not page-aligned" if bad & mask else f"is outside the block ({size} bytes)"
+    raise BadOffset(f"offset {bad:#x} in block {name!r} {why}")
+
+
+def _refuse_payload_size(next_size: int, normal_pages: int, low: int, high: int) -> NoReturn:
+    want = f"{low}" if low == high else f"{low}..{high}"
+    raise BadPacketSize(f"next_packet_size {next_size} for {normal_pages} pages, expected {want}")
+
+
+def _packet_block(
+    buf: bytes | bytearray | memoryview, flags: int, normal_pages: int, rules: PacketRules
+) -> str:
+    """The block a packet with pages names; its pages' compression must be the negotiated one."""
+    if normal_pages and compression_value(flags) != rules.compression:
+        raise CompressionMismatch(
+            f"packet compression {compression_value(flags)} (flags {flags:#x}), "
+            f"negotiated {rules.compression}"
+        )
+    return _block_name(memoryview(buf)[_RAMBLOCK_AT : _RAMBLOCK_AT + RAMBLOCK_NAME_FIELD])
+
+
 def decode_packet(
     buf: bytes | bytearray | memoryview,
     rules: PacketRules,
@@ -272,48 +315,28 @@ def decode_packet(
     magic, version, flags, pages_alloc, normal_pages, next_size, packet_num = _HEAD.unpack_from(
         buf, 0
     )
-    if magic != MULTIFD_MAGIC:
-        raise BadMagic(f"packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}")
-    if version != MULTIFD_VERSION:
-        raise BadVersion(f"packet version {version}, expected {MULTIFD_VERSION}")
-    if flags & ~MULTIFD_KNOWN_FLAGS:
-        raise BadFlags(f"unknown flag bits {flags & ~MULTIFD_KNOWN_FLAGS:#x} in flags {flags:#x}")
+    if magic != MULTIFD_MAGIC or version != MULTIFD_VERSION or flags & ~MULTIFD_KNOWN_FLAGS:
+        _refuse_head(magic, version, flags)
     if pages_alloc > rules.max_pages:
         raise BadPagesAlloc(f"pages_alloc {pages_alloc} exceeds this side's {rules.max_pages}")
     zero_pages = _ZERO_PAGES.unpack_from(buf, 32)[0] if rules.zero_pages_field else 0
-    if normal_pages > pages_alloc:
-        raise BadNormalPages(f"normal_pages {normal_pages} exceeds pages_alloc {pages_alloc}")
-    if normal_pages + zero_pages > pages_alloc:
-        raise BadNormalPages(
-            f"normal_pages {normal_pages} + zero_pages {zero_pages} exceed pages_alloc "
-            f"{pages_alloc}"
-        )
     npages = normal_pages + zero_pages
+    if npages > pages_alloc:
+        _refuse_page_counts(normal_pages, zero_pages, pages_alloc)
     if npages == 0:
         return MultiFDPacket(flags, pages_alloc, 0, 0, packet_num)
-    if normal_pages and compression_value(flags) != rules.compression:
-        raise CompressionMismatch(
-            f"packet compression {compression_value(flags)} (flags {flags:#x}), "
-            f"negotiated {rules.compression}"
-        )
-    name = _block_name(memoryview(buf)[_RAMBLOCK_AT : _RAMBLOCK_AT + RAMBLOCK_NAME_FIELD])
+    name = _packet_block(buf, flags, normal_pages, rules)
     size = blocks.get(name)
     if size is None:
         raise UnknownBlock(f"unknown RAM block {name!r}")
     offsets = _offsets_struct(npages).unpack_from(buf, _OFFSETS_AT)
-    last = size - rules.page_size
-    mask = rules.page_size - 1
-    if max(offsets) > last or any(off & mask for off in offsets):
-        bad = next(off for off in offsets if off > last or off & mask)
-        why = "is not page-aligned" if bad & mask else f"is outside the block ({size} bytes)"
-        raise BadOffset(f"offset {bad:#x} in block {name!r} {why}")
+    page_size = rules.page_size
+    if max(offsets) > size - page_size or reduce(or_, offsets) & (page_size - 1):
+        _refuse_offsets(offsets, name, size, page_size)
     if normal_pages:
-        low, high = rules.payload_size(normal_pages * rules.page_size)
+        low, high = rules.payload_size(normal_pages * page_size)
         if not low <= next_size <= high:
-            want = f"{low}" if low == high else f"{low}..{high}"
-            raise BadPacketSize(
-                f"next_packet_size {next_size} for {normal_pages} pages, expected {want}"
-            )
+            _refuse_payload_size(next_size, normal_pages, low, high)
     else:
         next_size = 0
     return MultiFDPacket(

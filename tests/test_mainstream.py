@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from multifd_core import mainstream as ms
 from multifd_core.errors import (
     BadMagic,
     BadOffset,
@@ -19,6 +21,7 @@ from multifd_core.errors import (
     LimitExceeded,
     MainStreamError,
     MultiFDError,
+    TruncatedStream,
     UnknownBlock,
 )
 from multifd_core.mainstream import (
@@ -42,6 +45,10 @@ from multifd_core.mainstream import (
     ZeroPage,
     ZeroPages,
 )
+from multifd_core.mainstream.constants import flag_names, section_name
+from multifd_core.mainstream.parser import HANDLERS
+from multifd_core.mainstream.records import RECORD_READERS
+from multifd_core.mainstream.states import TRANSITIONS, ParseContext, State
 
 PS = 4096
 
@@ -167,6 +174,70 @@ def merge_device_state(events: list[MainEvent]) -> list[MainEvent]:
         else:
             out.append(ev)
     return out
+
+
+# --- QEMU's values, as QEMU 7.2 defines them ------------------------------------------------
+
+#: Copied from QEMU 7.2's migration/savevm.c, migration/ram.c and migration/qemu-file.h (the
+#: one place the tests spell these values; RAM_SAVE_FLAG_MULTIFD_FLUSH is QEMU 8.1's ram.c).
+QEMU_DEFINES = """
+#define QEMU_VM_FILE_MAGIC           0x5145564d
+#define QEMU_VM_FILE_VERSION         0x00000003
+#define QEMU_VM_EOF                  0x00
+#define QEMU_VM_SECTION_START        0x01
+#define QEMU_VM_SECTION_PART         0x02
+#define QEMU_VM_SECTION_END          0x03
+#define QEMU_VM_SECTION_FULL         0x04
+#define QEMU_VM_SUBSECTION           0x05
+#define QEMU_VM_VMDESCRIPTION        0x06
+#define QEMU_VM_CONFIGURATION        0x07
+#define QEMU_VM_COMMAND              0x08
+#define QEMU_VM_SECTION_FOOTER       0x7e
+#define RAM_SAVE_FLAG_FULL     0x01 /* Obsolete, not used anymore */
+#define RAM_SAVE_FLAG_ZERO     0x02
+#define RAM_SAVE_FLAG_MEM_SIZE 0x04
+#define RAM_SAVE_FLAG_PAGE     0x08
+#define RAM_SAVE_FLAG_EOS      0x10
+#define RAM_SAVE_FLAG_CONTINUE 0x20
+#define RAM_SAVE_FLAG_XBZRLE   0x40
+#define RAM_SAVE_FLAG_HOOK     0x80
+#define RAM_SAVE_FLAG_COMPRESS_PAGE    0x100
+#define RAM_SAVE_FLAG_MULTIFD_FLUSH    0x200
+"""
+#: register_savevm_live("ram", 0, 4, ...) and vmstate_configuration's subsections.
+QEMU_NAMES = {
+    "RAM_IDSTR": "ram",
+    "RAM_INSTANCE_ID": 0,
+    "RAM_VERSION_ID": 4,
+    "SUBSECTION_TARGET_PAGE_BITS": "configuration/target-page-bits",
+    "SUBSECTION_CAPABILITIES": "configuration/capabilities",
+    "SUBSECTION_UUID": "configuration/uuid",
+}
+
+
+def qemu_values() -> dict[str, int | str]:
+    values: dict[str, int | str] = {}
+    for line in QEMU_DEFINES.strip().splitlines():
+        _, name, value = line.split(maxsplit=3)[:3]
+        values[name] = int(value, 16)
+    return {**values, **QEMU_NAMES}
+
+
+@pytest.mark.parametrize(("name", "value"), qemu_values().items())
+def test_qemu_values(name: str, value: int | str) -> None:
+    assert getattr(ms, name) == value
+    assert name in ms.__all__
+
+
+def test_flag_and_section_names() -> None:
+    assert flag_names(0x22) == "ZERO|CONTINUE"
+    assert flag_names(0x400 | 0x08) == "PAGE|0x400"
+    assert flag_names(0) == "0"
+    assert section_name(0x7E) == "SECTION_FOOTER" and section_name(0x42) == "0x42"
+    assert section_name(0) == "EOF" and section_name(3) == "SECTION_END"
+    assert section_name(ms.QEMU_VM_FILE_MAGIC) == "0x5145564d"  # not a section type
+    flags = {name for name in qemu_values() if name.startswith("RAM_SAVE_FLAG_")}
+    assert {f"RAM_SAVE_FLAG_{n}" for n in flag_names((1 << 10) - 1).split("|")} == flags
 
 
 # --- golden bytes: the writer ---------------------------------------------------------------
@@ -838,6 +909,89 @@ def test_parser_rejects_bad_arguments() -> None:
         MainStreamParser(page_size=1000)
     with pytest.raises(ConfigError):
         MainStreamParser(max_device_state=-1)
+
+
+# --- the state table ------------------------------------------------------------------------
+
+
+def test_state_table_is_complete() -> None:
+    assert set(HANDLERS) == set(TRANSITIONS) == set(State)
+    seen, todo = {State.HEADER}, [State.HEADER]
+    while todo:
+        for nxt in TRANSITIONS[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    assert seen == set(State)  # every state is reachable from the header
+    assert {s for s, after in TRANSITIONS.items() if not after} == {State.DONE, State.DEVICE_STATE}
+
+
+def test_goto_refuses_a_transition_the_table_does_not_list() -> None:
+    ctx = ParseContext(
+        HANDLERS, page_size=PS, max_blocks=1, max_device_state=None, batch_zero_pages=False
+    )
+    with pytest.raises(AssertionError, match=r"no transition State\.HEADER -> State\.RECORDS$"):
+        ctx.goto(State.RECORDS)
+    assert ctx.state is State.HEADER and ctx.handler is HANDLERS[State.HEADER]
+    assert ctx.goto(State.AFTER_HEADER, Eof()) == Eof()
+    assert ctx.state is State.AFTER_HEADER and ctx.handler is HANDLERS[State.AFTER_HEADER]
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_streams_walk_the_table(batch: bool) -> None:
+    data, _ = writer_stream(SAMPLE_BLOCKS, SAMPLE_ROUNDS)
+    for stream in (data, PRE + part() + zero(0, b"vga") + eos() + end() + eos() + QEMU_TAIL):
+        parser = MainStreamParser(batch_zero_pages=batch)
+        states = [parser.state]
+        for i in range(len(stream)):
+            parser.feed(stream[i : i + 1])
+            while parser.next_event() is not NEED_DATA:
+                states.append(parser.state)
+            states.append(parser.state)
+        parser.feed_eof()
+        assert parser.next_event() == ConnectionEnd()
+        for before, after in itertools.pairwise(states):
+            assert after == before or after in TRANSITIONS[before]
+        assert states[-1] in (State.AFTER_EOF, State.DEVICE_STATE)
+
+
+def test_a_record_kind_is_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the next QEMU dialect does (QEMU 8.1's RAM_SAVE_FLAG_MULTIFD_FLUSH): a row, a reader
+    data = PRE + part() + zero(0, b"vga") + be64(0x200) + zero(PS, None) + eos()
+    assert "MULTIFD_FLUSH" in str(parse_error(data))
+
+    def flush(ctx: ParseContext, flags: int, offset: int) -> RoundEnd:
+        ctx.pos += 8
+        return RoundEnd(flags, offset)  # stands in for the dialect's own event
+
+    monkeypatch.setitem(RECORD_READERS, 0x200, flush)  # type: ignore[index]
+    assert parse(data, eof=False)[len(PRE_EVENTS) :] == [
+        ZeroPage("vga", 0, 0),
+        RoundEnd(0x200, 0),
+        ZeroPage("vga", PS, 0),
+        RoundEnd(QEMU_VM_SECTION_PART, 1),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        (b"QEV", "header"),
+        (HEAD + CONFIG, "after header"),
+        (HEAD + CONFIG + start()[:3], "setup section"),
+        (HEAD + CONFIG + start(), "mem size"),
+        (HEAD + CONFIG + start() + block_list(BLOCKS)[:12], "block entry"),
+        (PRE + part() + zero(0, b"vga")[:5], "records"),
+        (PRE + part() + eos()[:10], "footer"),
+        (PRE + b"\x02", "next section"),
+        (PRE + end() + eos(), "after ram"),
+        (PRE + end() + eos() + b"\x00\x06", "after eof"),
+    ],
+)
+def test_truncation_names_the_state(data: bytes, where: str) -> None:
+    exc = parse_error(data)
+    assert type(exc) is TruncatedStream
+    assert str(exc).startswith(f"main stream truncated in {where} (")
 
 
 # --- truncation and garbage -----------------------------------------------------------------

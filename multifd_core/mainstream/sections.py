@@ -1,0 +1,122 @@
+"""State handlers for the RAM section's framing: the START section's header, the footer after
+each EOS, and the header of the PART or END section that follows."""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from typing import Final, NoReturn
+
+from ..errors import BadVersion, MainStreamError
+from .constants import (
+    BE32,
+    INSTANCE_VERSION,
+    QEMU_VM_COMMAND,
+    QEMU_VM_EOF,
+    QEMU_VM_SECTION_END,
+    QEMU_VM_SECTION_FOOTER,
+    QEMU_VM_SECTION_PART,
+    QEMU_VM_SECTION_START,
+    RAM_IDSTR,
+    RAM_INSTANCE_ID,
+    RAM_VERSION_ID,
+    SECTION,
+    SECTION_NAMES,
+    section_name,
+)
+from .events import NEED_DATA, RamEnd
+from .states import ParseContext, State, Step
+
+_RAM_IDSTR: Final = RAM_IDSTR.encode()
+_START: Final = frozenset({QEMU_VM_SECTION_START})
+_PART_OR_END: Final = frozenset({QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END})
+
+
+def unexpected_section(kind: int, expected: str) -> NoReturn:
+    """Refuse section type ``kind`` where ``expected`` must come."""
+    if kind == QEMU_VM_COMMAND:
+        raise MainStreamError(f"QEMU_VM_COMMAND where {expected} was expected: unsupported")
+    if kind == QEMU_VM_EOF:
+        raise MainStreamError(f"QEMU_VM_EOF where {expected} was expected")
+    if kind in SECTION_NAMES:
+        raise MainStreamError(f"{section_name(kind)} where {expected} was expected")
+    raise MainStreamError(f"unknown section type {kind:#04x} where {expected} was expected")
+
+
+def _section_head(
+    ctx: ParseContext, kinds: Container[int], expected: str
+) -> tuple[int, int] | None:
+    """The section type (one of ``kinds``) and section id at ``ctx.pos``; None until buffered."""
+    buf, pos = ctx.buf, ctx.pos
+    if len(buf) - pos < 1:
+        return None
+    kind = buf[pos]
+    if kind not in kinds:
+        unexpected_section(kind, expected)
+    if len(buf) - pos < 5:
+        return None
+    (section_id,) = BE32.unpack_from(buf, pos + 1)
+    return kind, section_id
+
+
+def setup_section(ctx: ParseContext) -> Step:
+    """QEMU_VM_SECTION_START: section id, idstr "ram", instance id and version."""
+    head = _section_head(ctx, _START, "the RAM START section")
+    buf, pos = ctx.buf, ctx.pos
+    if head is None or len(buf) - pos < 6:
+        return NEED_DATA
+    nlen = buf[pos + 5]
+    if len(buf) - pos < 6 + nlen + 8:
+        return NEED_DATA
+    section_id = head[1]
+    idstr = bytes(buf[pos + 6 : pos + 6 + nlen])
+    if idstr != _RAM_IDSTR:
+        raise MainStreamError(
+            f"section {idstr!r} (id {section_id}) started before the RAM section; "
+            "only 'ram' is supported there"
+        )
+    instance, version = INSTANCE_VERSION.unpack_from(buf, pos + 6 + nlen)
+    if instance != RAM_INSTANCE_ID:
+        raise MainStreamError(f"RAM section instance {instance}, expected {RAM_INSTANCE_ID}")
+    if version != RAM_VERSION_ID:
+        raise BadVersion(f"RAM section version {version}, expected {RAM_VERSION_ID}")
+    ctx.pos = pos + 6 + nlen + 8
+    ctx.section_id = section_id
+    ctx.kind = QEMU_VM_SECTION_START
+    return ctx.goto(State.MEM_SIZE)
+
+
+def footer(ctx: ParseContext) -> Step:
+    """The section footer after an EOS: QEMU_VM_SECTION_FOOTER and the RAM section's id."""
+    buf, pos = ctx.buf, ctx.pos
+    if len(buf) - pos < 5:
+        return NEED_DATA
+    marker, section_id = SECTION.unpack_from(buf, pos)
+    if marker != QEMU_VM_SECTION_FOOTER:
+        raise MainStreamError(
+            f"missing section footer after the RAM EOS: byte {marker:#04x}, expected "
+            f"{QEMU_VM_SECTION_FOOTER:#04x}"
+        )
+    if section_id != ctx.section_id:
+        raise MainStreamError(
+            f"section footer id {section_id} does not match the RAM section id {ctx.section_id}"
+        )
+    ctx.pos = pos + 5
+    if ctx.kind == QEMU_VM_SECTION_END:
+        return ctx.goto(State.AFTER_RAM, RamEnd())
+    return ctx.goto(State.NEXT_SECTION)
+
+
+def next_section(ctx: ParseContext) -> Step:
+    """A RAM PART or END section's header: its type and the RAM section's id."""
+    head = _section_head(ctx, _PART_OR_END, "a RAM PART or END section")
+    if head is None:
+        return NEED_DATA
+    kind, section_id = head
+    if section_id != ctx.section_id:
+        raise MainStreamError(
+            f"{section_name(kind)} for section id {section_id} before the RAM section "
+            f"(id {ctx.section_id}) ended"
+        )
+    ctx.pos += 5
+    ctx.kind = kind
+    return ctx.goto(State.RECORDS)
