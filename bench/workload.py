@@ -86,7 +86,7 @@ def codec(path: str, pattern: int, methods: list[str]) -> dict[str, Any]:
     """Compress then decompress every non-zero page of the pattern in packets of 128 pages, in
     this one thread, through the plugin's SendContext / RecvContext (one context each, like one
     channel). Only the codec calls are timed; each packet is checked after its decompression."""
-    from multifd_core.methods import load_methods
+    from multifd_core import load_methods
 
     data = bytearray(pattern)
     with open(path, "rb") as f:

@@ -19,9 +19,8 @@ from typing import Any
 
 import lz4.block  # type: ignore[import-untyped]
 
-from multifd_core import MultiFDMethod, RecvContext, SendContext, hookimpl
+from multifd_core import Buffer, MultiFDMethod, RecvContext, SendContext, hookimpl
 from multifd_core.errors import ConfigError, DecompressionError
-from multifd_core.methods import Buffer
 
 __all__ = ["Lz4Method", "Lz4Recv", "Lz4Send", "compress_bound", "multifd_methods"]
 

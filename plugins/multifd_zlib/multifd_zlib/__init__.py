@@ -19,9 +19,8 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from multifd_core import MultiFDMethod, RecvContext, SendContext, hookimpl
+from multifd_core import Buffer, MultiFDMethod, RecvContext, SendContext, hookimpl
 from multifd_core.errors import ConfigError, DecompressionError
-from multifd_core.methods import Buffer
 
 __all__ = ["ZlibMethod", "ZlibRecv", "ZlibSend", "multifd_methods"]
 

@@ -24,9 +24,8 @@ from typing import Any
 
 import zstandard
 
-from multifd_core import MultiFDMethod, RecvContext, SendContext, hookimpl
+from multifd_core import Buffer, MultiFDMethod, RecvContext, SendContext, hookimpl
 from multifd_core.errors import ConfigError, DecompressionError
-from multifd_core.methods import Buffer
 
 __all__ = ["ZstdMethod", "ZstdRecv", "ZstdSend", "multifd_methods"]
 
