@@ -5,12 +5,12 @@ migrates to a passive TCP listener here that accepts the main channel and every 
 channel and stores each connection's bytes, read to EOF, in accept order (QEMU connects the
 main channel first). QEMU never waits for the destination in precopy, so the migration
 completes against the recorder. Each recording is written to ``tests/data`` as an
-lzma-compressed file (see :func:`tests.fuzz_harness.load_recording` for the format)::
+lzma-compressed file (see :func:`tests/fuzzing/recordings.py load_recording` for the format)::
 
     .venv/bin/python fuzz/record_qemu.py                     # none and zstd, 2 channels
     .venv/bin/python fuzz/record_qemu.py --method zlib --channels 1
 
-The fuzzer replays these streams into our destination (``tests/fuzz_harness.py``).
+The fuzzer replays these streams into our destination (``tests/fuzzing/``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import fuzz_harness as fh  # noqa: E402
+import fuzzing as fh  # noqa: E402
 import qemu_harness as qh  # noqa: E402
 
 from multifd_core.image import vm_like_image  # noqa: E402

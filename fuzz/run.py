@@ -1,6 +1,6 @@
 """The long fuzz run of the destination: ``.venv/bin/python fuzz/run.py --cases 100000``.
 
-Cases ``0 .. N-1`` of run ``--seed`` are made and checked by ``tests/fuzz_harness.py`` (each case
+Cases ``0 .. N-1`` of run ``--seed`` are made and checked by ``tests/fuzzing/`` (each case
 from its own RNG, so ``--seed S --index I`` replays one). Prints the count of each outcome
 (completed-correct, each typed error class) as it goes and one JSON object at the end; exits 1 on
 any invariant violation, after saving each failing input to ``--out`` (replay it with
@@ -23,7 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import fuzz_harness as fh  # noqa: E402
+import fuzzing as fh  # noqa: E402
 
 _SEEDS: list[fh.Seed] = []
 _CFG = fh.Config()

@@ -6,7 +6,7 @@ from .destination import Accept, Destination, open_destination, receive
 from .errors import *  # noqa: F403
 from .errors import MultiFDError
 from .hookspecs import hookimpl
-from .methods import Buffer, MultiFDMethod, RecvContext, SendContext, scatter
+from .methods import Buffer, MultiFDMethod, RecvContext, SendContext, int_option, scatter
 from .options import DestinationOptions, SourceOptions
 from .ram import RAMBlock
 from .registry import MethodInfo, MethodRegistry, load_methods
@@ -54,6 +54,7 @@ __all__ = [
     "tls_acceptor",
     "tls_connector",
     "hookimpl",
+    "int_option",
     "load_methods",
     "open_tcp_acceptor",
     "open_unix_acceptor",

@@ -34,6 +34,23 @@ def scatter(data: Buffer, pages: Sequence[memoryview]) -> None:
         pos = end
 
 
+def int_option(
+    options: dict[str, Any], method: str, name: str, default: int, low: int, high: int
+) -> int:
+    """Take option ``name`` out of ``options`` (an int, or a string from the CLI's ``-o``) as an
+    integer in ``low..high`` (``default`` when absent); ConfigError naming ``method`` otherwise."""
+    raw = options.pop(name, default)
+    if isinstance(raw, bool):
+        raise ConfigError(f"{method} option {name}={raw!r} is not an integer")
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{method} option {name}={raw!r} is not an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{method} option {name}={value} is outside {low}..{high}")
+    return value
+
+
 class SendContext:
     """Per-channel send state (QEMU: MultiFDSendParams.data). May run in a worker thread."""
 
@@ -104,4 +121,11 @@ class MultiFDMethod(ABC):
         return self.value << 1
 
 
-__all__ = ["Buffer", "MultiFDMethod", "RecvContext", "SendContext", "scatter"]
+__all__ = [
+    "Buffer",
+    "MultiFDMethod",
+    "RecvContext",
+    "SendContext",
+    "int_option",
+    "scatter",
+]

@@ -21,8 +21,9 @@ import contextlib
 import os
 import re
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -177,38 +178,50 @@ def describe(exc: BaseException, *, server_side: bool | None = None) -> str:
     err = _root_cause(exc)
     peer = {True: "client", False: "server", None: "peer"}[server_side]
     if isinstance(err, ssl.SSLCertVerificationError):
-        msg = (err.verify_message or _ssl_text(err)).rstrip(".")
-        if msg.lower().startswith("hostname mismatch"):
-            return f"certificate verify failed: {msg}"
-        hint = ""
-        if err.verify_code in (2, 18, 19, 20, 21):  # no trusted issuer, self-signed
-            hint = " (not signed by a CA this side trusts: wrong CA?)"
-        return f"certificate verify failed: the {peer}'s certificate: {msg}{hint}"
+        return _describe_verify(err, peer)
     if isinstance(err, ssl.SSLError):
-        reason = err.reason or ""
-        if _is_eof(err):
-            return f"the {peer} closed the connection in the middle of TLS"
-        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
-            return "missing client certificate: the client sent none and this side requires one"
-        if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
-            return "missing client certificate: the server requires one and this side sent none"
-        if reason in _NOT_TLS:
-            return f"the {peer} does not speak TLS (a plaintext {peer}?): {_ssl_text(err)}"
-        if reason in _NO_COMMON_VERSION:
-            return f"no TLS version in common with the {peer} (TLS 1.2 or newer required)"
-        if "ALERT" in reason:
-            alert = _ssl_text(err).removeprefix("tlsv1 alert ").removeprefix("sslv3 alert ")
-            alert = alert.removeprefix("tlsv13 alert ")
-            hint = ""
-            if reason.endswith(("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN")):
-                hint = " (it does not accept this side's certificate: wrong CA or hostname?)"
-            return f"the {peer} refused the handshake with the alert {alert!r}{hint}"
-        return _ssl_text(err)
+        return _describe_ssl(err, peer)
     if isinstance(err, OSError):
         return f"the {peer} closed the connection ({_ssl_text(err)})"
     if isinstance(err, trio.BrokenResourceError | trio.ClosedResourceError):
         return f"the {peer} closed the connection"
     return str(err) or type(err).__name__
+
+
+def _describe_verify(err: ssl.SSLCertVerificationError, peer: str) -> str:
+    msg = (err.verify_message or _ssl_text(err)).rstrip(".")
+    if msg.lower().startswith("hostname mismatch"):
+        return f"certificate verify failed: {msg}"
+    hint = ""
+    if err.verify_code in (2, 18, 19, 20, 21):  # no trusted issuer, self-signed
+        hint = " (not signed by a CA this side trusts: wrong CA?)"
+    return f"certificate verify failed: the {peer}'s certificate: {msg}{hint}"
+
+
+def _describe_ssl(err: ssl.SSLError, peer: str) -> str:
+    reason = err.reason or ""
+    if _is_eof(err):
+        return f"the {peer} closed the connection in the middle of TLS"
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "missing client certificate: the client sent none and this side requires one"
+    if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+        return "missing client certificate: the server requires one and this side sent none"
+    if reason in _NOT_TLS:
+        return f"the {peer} does not speak TLS (a plaintext {peer}?): {_ssl_text(err)}"
+    if reason in _NO_COMMON_VERSION:
+        return f"no TLS version in common with the {peer} (TLS 1.2 or newer required)"
+    if "ALERT" in reason:
+        return _describe_alert(err, reason, peer)
+    return _ssl_text(err)
+
+
+def _describe_alert(err: ssl.SSLError, reason: str, peer: str) -> str:
+    alert = _ssl_text(err).removeprefix("tlsv1 alert ").removeprefix("sslv3 alert ")
+    alert = alert.removeprefix("tlsv13 alert ")
+    hint = ""
+    if reason.endswith(("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN")):
+        hint = " (it does not accept this side's certificate: wrong CA or hostname?)"
+    return f"the {peer} refused the handshake with the alert {alert!r}{hint}"
 
 
 def stream_failure(exc: BaseException, stream: trio.SSLStream[Any]) -> str | None:
@@ -223,11 +236,44 @@ def stream_failure(exc: BaseException, stream: trio.SSLStream[Any]) -> str | Non
 # --- handshakes and closing ---------------------------------------------------------------
 
 
+class _OutgoingTap:
+    """Stands in for an SSLContext while ``trio.SSLStream`` builds its SSLObject: passes
+    ``wrap_bio`` (the public ``ssl`` API trio builds it with) on to the real context and keeps
+    the outgoing MemoryBIO it is given; every other attribute is the real context's."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.outgoing: ssl.MemoryBIO | None = None
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, **kw: Any) -> Any:
+        self.outgoing = outgoing
+        return self.context.wrap_bio(incoming, outgoing, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.context, name)
+
+
+#: The outgoing buffer of each TLS stream this module made (see ``_ssl_stream``).
+_OUTGOING: weakref.WeakKeyDictionary[trio.SSLStream[Any], ssl.MemoryBIO] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _ssl_stream(raw: trio.abc.Stream, context: ssl.SSLContext, **kw: Any) -> TLSStream:
+    """``trio.SSLStream(raw, context, **kw)``, remembering its outgoing buffer: when a handshake
+    fails, trio raises before sending the alert OpenSSL wrote there."""
+    tap = _OutgoingTap(context)
+    stream = trio.SSLStream(raw, cast(ssl.SSLContext, tap), **kw)
+    if tap.outgoing is not None:
+        _OUTGOING[stream] = tap.outgoing
+    return stream
+
+
 async def _send_pending_alert(stream: trio.SSLStream[Any]) -> None:
     """Best effort: send the alert OpenSSL produced for a failed handshake, so that the peer
-    learns why (trio raises before sending it). Uses trio's outgoing buffer when it has one."""
-    outgoing = getattr(stream, "_outgoing", None)
-    if not isinstance(outgoing, ssl.MemoryBIO):
+    learns why (trio raises before sending it). Only for streams made here (``_ssl_stream``)."""
+    outgoing = _OUTGOING.get(stream)
+    if outgoing is None:
         return
     data = outgoing.read()
     if not data:
@@ -291,7 +337,7 @@ def tls_connector(
     async def connect_tls() -> TLSStream:
         raw = await connect()
         try:
-            stream = trio.SSLStream(raw, context, server_hostname=server_hostname)
+            stream = _ssl_stream(raw, context, server_hostname=server_hostname)
         except BaseException:
             await trio.aclose_forcefully(raw)
             raise
@@ -327,7 +373,7 @@ class TLSAcceptor:
     async def __call__(self) -> TLSStream:
         stream = await self.accept()
         try:
-            return trio.SSLStream(stream, self.context, server_side=True)
+            return _ssl_stream(stream, self.context, server_side=True)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise

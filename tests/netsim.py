@@ -237,76 +237,115 @@ class DelayLine:
             self._error = exc
 
     def _loop(self) -> None:
-        c = self.conditions
-        delay = c.delay_ms / 1000
-        jitter = c.jitter_ms / 1000
-        loss = c.loss_pct / 100
-        rate = c.rate_mbit * 1e6 / 8  # bytes per second
         fd_a, fd_b = self.fds
         peer = {fd_a: fd_b, fd_b: fd_a}
-        next_free = {fd_a: 0.0, fd_b: 0.0}
-        last_seq_out = {fd_a: -1, fd_b: -1}  # by destination fd
-        rng = self._rng
-        st = self.stats
-        heap: list[tuple[float, int, int, bytes]] = []
-        seq = itertools.count()
+        schedule = _Schedule(self.conditions, self.fds, self._rng, self.stats, self.limit)
         poller = select.poll()
         for fd in (fd_a, fd_b, self._stop_r):
             poller.register(fd, select.POLLIN)
         while True:
-            now = time.monotonic()
-            if heap:
-                wait_ms = max(0, int((heap[0][0] - now) * 1000 + 0.999))
-            else:
-                wait_ms = -1
-            for fd, _ in poller.poll(wait_ms):
+            for fd, _ in poller.poll(schedule.wait_ms(time.monotonic())):
                 if fd == self._stop_r:
                     return
-                out = peer[fd]
-                for _ in range(512):  # bounded, so that due packets are never starved
-                    try:
-                        pkt = os.read(fd, 65536)
-                    except BlockingIOError:
-                        break
-                    now = time.monotonic()  # this packet's arrival (not the batch's)
-                    st.packets_in += 1
-                    st.bytes_in += len(pkt)
-                    if self._cut:
-                        st.cut += 1
-                        continue
-                    if loss and rng.random() < loss:
-                        st.lost += 1
-                        continue
-                    if len(heap) >= self.limit:
-                        st.overflow += 1
-                        continue
-                    depart = now
-                    if rate:
-                        depart = max(now, next_free[fd]) + len(pkt) / rate
-                        next_free[fd] = depart
-                    due = depart + delay
-                    if jitter:
-                        due = max(depart, due + rng.uniform(-jitter, jitter))
-                    heapq.heappush(heap, (due, next(seq), out, pkt))
-                    st.max_queue = max(st.max_queue, len(heap))
-            now = time.monotonic()
-            while heap and heap[0][0] <= now:
-                _, n, out, pkt = heapq.heappop(heap)
-                if self._cut:
-                    st.cut += 1
-                    continue
-                if n < last_seq_out[out]:
-                    st.reordered += 1
-                last_seq_out[out] = max(n, last_seq_out[out])
-                try:
-                    os.write(out, pkt)
-                except OSError as exc:  # e.g. EIO while the device is down: a lost packet
-                    if exc.errno not in (errno.EIO, errno.EAGAIN, errno.EINVAL, errno.ENOBUFS):
-                        raise
-                    st.write_errors += 1
-                    continue
-                st.packets_out += 1
-                st.bytes_out += len(pkt)
+                self._read_batch(fd, peer[fd], schedule)
+            self._write_due(schedule)
+
+    def _read_batch(self, fd: int, out: int, schedule: _Schedule) -> None:
+        """Read what ``fd`` has (bounded, so that due packets are never starved) and schedule
+        each packet for ``out``, or drop it."""
+        st = self.stats
+        for _ in range(512):
+            try:
+                pkt = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            now = time.monotonic()  # this packet's arrival (not the batch's)
+            st.packets_in += 1
+            st.bytes_in += len(pkt)
+            if self._cut:
+                st.cut += 1
+                continue
+            schedule.admit(fd, out, pkt, now)
+
+    def _write_due(self, schedule: _Schedule) -> None:
+        """Write every packet whose time has come to its fd (a failed write is a lost packet)."""
+        st = self.stats
+        for n, out, pkt in schedule.due(time.monotonic()):
+            if self._cut:
+                st.cut += 1
+                continue
+            schedule.note_order(n, out)
+            try:
+                os.write(out, pkt)
+            except OSError as exc:  # e.g. EIO while the device is down: a lost packet
+                if exc.errno not in (errno.EIO, errno.EAGAIN, errno.EINVAL, errno.ENOBUFS):
+                    raise
+                st.write_errors += 1
+                continue
+            st.packets_out += 1
+            st.bytes_out += len(pkt)
+
+
+class _Schedule:
+    """The delay line's queue: packets by their time to send (netem's rule, see DelayLine)."""
+
+    def __init__(
+        self,
+        c: Conditions,
+        fds: tuple[int, int],
+        rng: random.Random,
+        stats: DelayLineStats,
+        limit: int,
+    ) -> None:
+        self.delay = c.delay_ms / 1000
+        self.jitter = c.jitter_ms / 1000
+        self.loss = c.loss_pct / 100
+        self.rate = c.rate_mbit * 1e6 / 8  # bytes per second
+        self.next_free = dict.fromkeys(fds, 0.0)  # by source fd
+        self.last_seq_out = dict.fromkeys(fds, -1)  # by destination fd
+        self.rng = rng
+        self.stats = stats
+        self.limit = limit
+        self.heap: list[tuple[float, int, int, bytes]] = []
+        self.seq = itertools.count()
+
+    def wait_ms(self, now: float) -> int:
+        """How long to poll: until the first packet is due (-1: no packet queued)."""
+        if self.heap:
+            return max(0, int((self.heap[0][0] - now) * 1000 + 0.999))
+        return -1
+
+    def admit(self, fd: int, out: int, pkt: bytes, now: float) -> None:
+        """Lose ``pkt`` (read from ``fd`` at ``now``), drop it (queue full) or queue it."""
+        st, rng = self.stats, self.rng
+        if self.loss and rng.random() < self.loss:
+            st.lost += 1
+            return
+        if len(self.heap) >= self.limit:
+            st.overflow += 1
+            return
+        depart = now
+        if self.rate:
+            depart = max(now, self.next_free[fd]) + len(pkt) / self.rate
+            self.next_free[fd] = depart
+        due = depart + self.delay
+        if self.jitter:
+            due = max(depart, due + rng.uniform(-self.jitter, self.jitter))
+        heapq.heappush(self.heap, (due, next(self.seq), out, pkt))
+        st.max_queue = max(st.max_queue, len(self.heap))
+
+    def due(self, now: float) -> Iterator[tuple[int, int, bytes]]:
+        """Take the packets due at ``now``, in order: (sequence number, fd, bytes)."""
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            _, n, out, pkt = heapq.heappop(heap)
+            yield n, out, pkt
+
+    def note_order(self, n: int, out: int) -> None:
+        """Count a packet sent to ``out`` after one that arrived later."""
+        if n < self.last_seq_out[out]:
+            self.stats.reordered += 1
+        self.last_seq_out[out] = max(n, self.last_seq_out[out])
 
 
 # --- the pair of namespaces -----------------------------------------------------------------

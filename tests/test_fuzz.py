@@ -2,7 +2,7 @@
 
 Every case must end by itself, within a bound, completed with the memory the reference model
 expects or with a ``MultiFDError``; never untyped, never writing outside a block (guard bytes),
-never past the memory bound (tracemalloc). ``tests/fuzz_harness.py`` has the machinery; the long
+never past the memory bound (tracemalloc). ``tests/fuzzing/`` has the machinery; the long
 run is ``fuzz/run.py`` (fuzz/README.md).
 """
 
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 if os.fspath(Path(__file__).resolve().parent) not in sys.path:  # for the harness
     sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
-import fuzz_harness as fh
+import fuzzing as fh
 
 from multifd_core import MemoryNetwork, RAMBlock, open_destination
 from multifd_core.mainstream import MainStreamWriter
@@ -109,7 +109,7 @@ def test_harness_flags_memory_and_wrong_data(
 ) -> None:
     seed = by_name(seeds, "ours-none-1ch")
     case = fh.Case(seed.name, "none", 1, seed.blocks, seed.conns, [], 0, "memory", False)
-    monkeypatch.setattr(fh, "memory_bound", lambda case, cfg: 1000)
+    monkeypatch.setattr(fh.runner, "memory_bound", lambda case, cfg: 1000)
     assert fh.run_case(case).outcome == "VIOLATION:memory"
     monkeypatch.undo()
     # a model that expects other bytes for one page: the comparison must notice
@@ -121,7 +121,7 @@ def test_harness_flags_memory_and_wrong_data(
         verdict.final[key] = {b"\x01" * PS}
         return verdict
 
-    monkeypatch.setattr(fh, "model", skewed)
+    monkeypatch.setattr(fh.runner, "model", skewed)
     assert fh.run_case(case).outcome == "VIOLATION:wrong-data"
 
 
@@ -131,16 +131,16 @@ def test_harness_flags_writes_outside_a_block(
     """Blocks whose view runs into the guard (as a bad offset check would let a write do)."""
     seed = by_name(seeds, "ours-none-1ch")
     case = fh.Case(seed.name, "none", 1, seed.blocks, seed.conns, [], 0, "memory", False)
-    real = fh._guarded
+    real = fh.runner._guarded
 
-    def leaky(case: fh.Case) -> tuple[list[fh.RAMBlock], list[bytearray], list[bytes]]:
+    def leaky(case: fh.Case) -> tuple[list[RAMBlock], list[bytearray], list[bytes]]:
         blocks, backings, initial = real(case)
         name, size = case.blocks[0]
         view = memoryview(backings[0])[fh.GUARD + PS : fh.GUARD + PS + size]  # shifted a page
-        blocks[0] = fh.RAMBlock(name, view, PS)
+        blocks[0] = RAMBlock(name, view, PS)
         return blocks, backings, initial
 
-    monkeypatch.setattr(fh, "_guarded", leaky)
+    monkeypatch.setattr(fh.runner, "_guarded", leaky)
     assert fh.run_case(case).outcome == "VIOLATION:write-outside-block"
 
 
@@ -298,11 +298,15 @@ def test_generated_sync_structure(
 _SEED_CACHE: dict[str, fh.Seed] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _seeds_by_name(seeds: list[fh.Seed]) -> None:
+    """Fill the cache before any test runs: our seeds are recorded as a Hypothesis example of
+    their own (``fh.deterministic``), which cannot run inside another test's example."""
+    _SEED_CACHE.update((s.name, s) for s in seeds)
+
+
 def _seed(prefix: str) -> fh.Seed:
     """Seeds for the hypothesis tests (given functions cannot take module fixtures)."""
-    if not _SEED_CACHE:
-        for s in fh.our_seeds():
-            _SEED_CACHE[s.name] = s
     return next(s for name, s in _SEED_CACHE.items() if name.startswith(prefix))
 
 

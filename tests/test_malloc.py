@@ -13,9 +13,8 @@ import resource, sys, trio
 from multifd_core.malloc import tune_malloc
 if sys.argv[1] == "tuned":
     assert tune_malloc()
-from multifd_core import MemoryNetwork, RAMBlock
+from multifd_core import MemoryNetwork, RAMBlock, open_destination, open_source
 from multifd_core.image import vm_like_image
-from multifd_core import open_destination, open_source
 
 async def main():
     block = RAMBlock("ram", vm_like_image(64 << 20, 4096, 1))

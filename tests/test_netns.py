@@ -44,7 +44,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,11 @@ def spawn_in(link: Link, ns: str, *args: str) -> Iterator[subprocess.Popen[str]]
         finally:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)  # ip netns exec execs: this is multifd
+
+
+def sender(link: Link, port: int, *args: str) -> AbstractContextManager[subprocess.Popen[str]]:
+    """``multifd send`` in the source namespace, to the receiver's ``port`` across the link."""
+    return spawn_in(link, link.src, "send", "--connect", f"{link.dst_addr}:{port}", *args)
 
 
 def finish(proc: subprocess.Popen[str], started: float, timeout: float = TIMEOUT) -> Done:
@@ -357,17 +362,7 @@ def test_migration_over_impaired_link(
         recv, port, out_dir = stack.enter_context(receiver(link, tmp_path, *common))
         with Sampler(link) as sampler:
             started = time.monotonic()
-            send = stack.enter_context(
-                spawn_in(
-                    link,
-                    link.src,
-                    "send",
-                    "--connect",
-                    f"{link.dst_addr}:{port}",
-                    *common,
-                    *map(str, inputs.files),
-                )
-            )
+            send = stack.enter_context(sender(link, port, *common, *map(str, inputs.files)))
             sent = finish(send, started)
             received = finish(recv, started)
         assert link.emulation == _emulation_id(cond)  # what the test id says
@@ -456,18 +451,7 @@ def test_link_cut_mid_migration(
         link = stack.enter_context(netsim.open_link(conditions, emulation=emulation))
         recv, port, out_dir = stack.enter_context(receiver(link, tmp_path, *common, *idle))
         started = time.monotonic()
-        send = stack.enter_context(
-            spawn_in(
-                link,
-                link.src,
-                "send",
-                "--connect",
-                f"{link.dst_addr}:{port}",
-                *common,
-                *idle,
-                str(bulk),
-            )
-        )
+        send = stack.enter_context(sender(link, port, *common, *idle, str(bulk)))
         before = 2 << 20  # cut once this much has crossed: pages are flowing on every channel
         while link.rx_bytes() < before:
             assert send.poll() is None, f"send ended before the cut: {send.communicate()}"

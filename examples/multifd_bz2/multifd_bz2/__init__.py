@@ -22,7 +22,7 @@ import bz2
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from multifd_core import MultiFDMethod, RecvContext, SendContext, hookimpl
+from multifd_core import MultiFDMethod, RecvContext, SendContext, hookimpl, scatter
 from multifd_core.errors import ConfigError, DecompressionError
 
 __all__ = ["Bz2Method", "Bz2Recv", "Bz2Send", "compress_bound", "multifd_methods"]
@@ -104,12 +104,7 @@ class Bz2Recv(RecvContext):
                 f"bz2 payload has {len(decompressor.unused_data)} bytes after the end of its stream"
             )
         # Only now, with the whole stream checked (CRCs included), touch the pages.
-        view = memoryview(out)
-        pos = 0
-        for page in pages:
-            end = pos + len(page)
-            page[:] = view[pos:end]
-            pos = end
+        scatter(out, pages)
 
 
 class Bz2Method(MultiFDMethod):

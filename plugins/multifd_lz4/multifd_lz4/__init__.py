@@ -19,9 +19,16 @@ from typing import Any
 
 import lz4.block  # type: ignore[import-untyped]
 
-from multifd_core import MultiFDMethod, RecvContext, SendContext, hookimpl
+from multifd_core import (
+    Buffer,
+    MultiFDMethod,
+    RecvContext,
+    SendContext,
+    hookimpl,
+    int_option,
+    scatter,
+)
 from multifd_core.errors import ConfigError, DecompressionError
-from multifd_core.methods import Buffer
 
 __all__ = ["Lz4Method", "Lz4Recv", "Lz4Send", "compress_bound", "multifd_methods"]
 
@@ -34,19 +41,6 @@ MAX_ACCELERATION = 65537
 def compress_bound(raw_len: int) -> int:
     """LZ4_COMPRESSBOUND: the largest block LZ4 makes of ``raw_len`` bytes."""
     return raw_len + raw_len // 255 + 16
-
-
-def _int_option(options: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
-    raw = options.pop(name, default)
-    if isinstance(raw, bool):
-        raise ConfigError(f"lz4 option {name}={raw!r} is not an integer")
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"lz4 option {name}={raw!r} is not an integer") from None
-    if not low <= value <= high:
-        raise ConfigError(f"lz4 option {name}={value} is outside {low}..{high}")
-    return value
 
 
 class Lz4Send(SendContext):
@@ -90,15 +84,7 @@ class Lz4Recv(RecvContext):
                 f"lz4 payload ({size} bytes) decompresses to {len(out)} bytes, its pages need "
                 f"{expected}"
             )
-        if len(pages) == 1:
-            pages[0][:] = out
-            return
-        view = memoryview(out)
-        pos = 0
-        for page in pages:
-            end = pos + len(page)
-            page[:] = view[pos:end]
-            pos = end
+        scatter(out, pages)
 
 
 class Lz4Method(MultiFDMethod):
@@ -115,8 +101,8 @@ class Lz4Method(MultiFDMethod):
 
     def __init__(self, **options: Any) -> None:
         opts = dict(options)
-        self.acceleration = _int_option(opts, "acceleration", 1, 1, MAX_ACCELERATION)
-        self.level = _int_option(opts, "level", 0, 0, 12)
+        self.acceleration = int_option(opts, "lz4", "acceleration", 1, 1, MAX_ACCELERATION)
+        self.level = int_option(opts, "lz4", "level", 0, 0, 12)
         if opts:
             raise ConfigError(
                 f"lz4 takes the options 'acceleration' and 'level', got {sorted(opts)}"

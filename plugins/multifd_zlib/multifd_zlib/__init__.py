@@ -19,9 +19,16 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from multifd_core import MultiFDMethod, RecvContext, SendContext, hookimpl
+from multifd_core import (
+    Buffer,
+    MultiFDMethod,
+    RecvContext,
+    SendContext,
+    hookimpl,
+    int_option,
+    scatter,
+)
 from multifd_core.errors import ConfigError, DecompressionError
-from multifd_core.methods import Buffer
 
 __all__ = ["ZlibMethod", "ZlibRecv", "ZlibSend", "multifd_methods"]
 
@@ -31,19 +38,6 @@ __version__ = "0.1.0"
 DEFAULT_LEVEL = 1
 #: The empty stored block a Z_SYNC_FLUSH (or Z_FULL_FLUSH) ends with.
 SYNC_MARKER = b"\x00\x00\xff\xff"
-
-
-def _int_option(options: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
-    raw = options.pop(name, default)
-    if isinstance(raw, bool):
-        raise ConfigError(f"zlib option {name}={raw!r} is not an integer")
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"zlib option {name}={raw!r} is not an integer") from None
-    if not low <= value <= high:
-        raise ConfigError(f"zlib option {name}={value} is outside {low}..{high}")
-    return value
 
 
 class ZlibSend(SendContext):
@@ -85,11 +79,7 @@ class ZlibRecv(RecvContext):
         except DecompressionError as exc:
             self._broken = exc.message
             raise
-        pos = 0
-        for page in pages:
-            end = pos + len(page)
-            page[:] = out[pos:end]
-            pos = end
+        scatter(out, pages)
 
     def _inflate(self, payload: memoryview, pages: Sequence[memoryview]) -> memoryview:
         d = self._d
@@ -150,7 +140,7 @@ class ZlibMethod(MultiFDMethod):
 
     def __init__(self, **options: Any) -> None:
         opts = dict(options)
-        self.level = _int_option(opts, "level", DEFAULT_LEVEL, 0, 9)
+        self.level = int_option(opts, "zlib", "level", DEFAULT_LEVEL, 0, 9)
         if opts:
             raise ConfigError(f"zlib takes the option 'level' only, got {sorted(opts)}")
         self.options = {"level": self.level}

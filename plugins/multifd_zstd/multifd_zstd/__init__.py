@@ -24,9 +24,15 @@ from typing import Any
 
 import zstandard
 
-from multifd_core import MultiFDMethod, RecvContext, SendContext, hookimpl
+from multifd_core import (
+    Buffer,
+    MultiFDMethod,
+    RecvContext,
+    SendContext,
+    hookimpl,
+    int_option,
+)
 from multifd_core.errors import ConfigError, DecompressionError
-from multifd_core.methods import Buffer
 
 __all__ = ["ZstdMethod", "ZstdRecv", "ZstdSend", "multifd_methods"]
 
@@ -42,19 +48,6 @@ MAX_WINDOW_SIZE = 1 << 25
 BLOCK_MAX = 128 * 1024
 #: ZSTD_MAGICNUMBER, little-endian on the wire.
 FRAME_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-def _int_option(options: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
-    raw = options.pop(name, default)
-    if isinstance(raw, bool):
-        raise ConfigError(f"zstd option {name}={raw!r} is not an integer")
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"zstd option {name}={raw!r} is not an integer") from None
-    if not low <= value <= high:
-        raise ConfigError(f"zstd option {name}={value} is outside {low}..{high}")
-    return value
 
 
 def compress_bound(raw_len: int) -> int:
@@ -78,6 +71,60 @@ def frame_header_size(payload: memoryview) -> int:
     if size > len(payload):
         raise DecompressionError(f"zstd frame header truncated ({len(payload)} of {size} bytes)")
     return size
+
+
+def block_span(payload: memoryview, pos: int) -> tuple[int, int]:
+    """The zstd block whose header is at ``pos``: where it ends, and the most it regenerates.
+    Refuses the frame's last block (a channel's frame never ends), the reserved type, a block
+    over BLOCK_MAX and one that does not fit in ``payload``."""
+    size = len(payload)
+    if size - pos < 3:
+        raise DecompressionError(
+            f"zstd payload ({size} bytes) ends inside a block header: truncated, or "
+            "followed by extra bytes"
+        )
+    header = payload[pos] | payload[pos + 1] << 8 | payload[pos + 2] << 16
+    block_type = (header >> 1) & 3
+    block_size = header >> 3
+    if header & 1:
+        raise DecompressionError(
+            "zstd payload holds the frame's last block; a channel's frame must stay open"
+        )
+    if block_type == 3:
+        raise DecompressionError(f"zstd payload has a reserved block type at byte {pos}")
+    if block_size > BLOCK_MAX:
+        raise DecompressionError(
+            f"zstd block of {block_size} bytes at byte {pos}, over the {BLOCK_MAX} maximum"
+        )
+    if block_type == 1:  # RLE: one byte, repeated block_size times
+        end, most = pos + 4, block_size
+    elif block_type == 0:  # raw
+        end, most = pos + 3 + block_size, block_size
+    else:  # compressed: regenerates at most BLOCK_MAX
+        end, most = pos + 3 + block_size, BLOCK_MAX
+    if end > size:
+        raise DecompressionError(
+            f"zstd payload ({size} bytes) ends inside a block (byte {pos}, needs {end}): "
+            "truncated, or followed by extra bytes"
+        )
+    return end, most
+
+
+def _feed(
+    d: Any, payload: memoryview, start: int, end: int, out: _PageWriter, expected: int
+) -> None:
+    """Decompress ``payload[start:end]`` (whole blocks) into the pages, refusing more output
+    than the ``expected`` bytes of the packet's pages."""
+    try:
+        chunk = d.decompress(payload[start:end])
+    except zstandard.ZstdError as exc:
+        raise DecompressionError(f"corrupt zstd payload ({len(payload)} bytes): {exc}") from None
+    if out.written + len(chunk) > expected:
+        raise DecompressionError(
+            f"zstd payload ({len(payload)} bytes) decompresses to more than the {expected} "
+            "bytes of its pages"
+        )
+    out.write(chunk)
 
 
 class ZstdSend(SendContext):
@@ -137,58 +184,17 @@ class ZstdRecv(RecvContext):
         out = _PageWriter(pages)
         start = 0  # the first byte of the group of blocks not yet fed to zstd
         bound = 0  # the most that group can regenerate
-
-        def feed(end: int) -> None:
-            try:
-                chunk = d.decompress(payload[start:end])
-            except zstandard.ZstdError as exc:
-                raise DecompressionError(f"corrupt zstd payload ({size} bytes): {exc}") from None
-            if out.written + len(chunk) > expected:
-                raise DecompressionError(
-                    f"zstd payload ({size} bytes) decompresses to more than the {expected} "
-                    "bytes of its pages"
-                )
-            out.write(chunk)
-
         while pos < size:
-            if size - pos < 3:
-                raise DecompressionError(
-                    f"zstd payload ({size} bytes) ends inside a block header: truncated, or "
-                    "followed by extra bytes"
-                )
-            header = payload[pos] | payload[pos + 1] << 8 | payload[pos + 2] << 16
-            block_type = (header >> 1) & 3
-            block_size = header >> 3
-            if header & 1:
-                raise DecompressionError(
-                    "zstd payload holds the frame's last block; a channel's frame must stay open"
-                )
-            if block_type == 3:
-                raise DecompressionError(f"zstd payload has a reserved block type at byte {pos}")
-            if block_size > BLOCK_MAX:
-                raise DecompressionError(
-                    f"zstd block of {block_size} bytes at byte {pos}, over the {BLOCK_MAX} maximum"
-                )
-            if block_type == 1:  # RLE: one byte, repeated block_size times
-                end, most = pos + 4, block_size
-            elif block_type == 0:  # raw
-                end, most = pos + 3 + block_size, block_size
-            else:  # compressed: regenerates at most BLOCK_MAX
-                end, most = pos + 3 + block_size, BLOCK_MAX
-            if end > size:
-                raise DecompressionError(
-                    f"zstd payload ({size} bytes) ends inside a block (byte {pos}, needs {end}): "
-                    "truncated, or followed by extra bytes"
-                )
+            end, most = block_span(payload, pos)
             # Feed whole blocks, at most BLOCK_MAX of possible output at a time: each call
             # then returns one chunk of at most 128 KiB, checked before it is written.
             if bound and bound + most > BLOCK_MAX:
-                feed(pos)
+                _feed(d, payload, start, pos, out, expected)
                 start, bound = pos, 0
             bound += most
             pos = end
         if start < size:
-            feed(size)
+            _feed(d, payload, start, size, out, expected)
         if out.written != expected:
             raise DecompressionError(
                 f"zstd payload ({size} bytes) decompresses to {out.written} bytes, its pages "
@@ -238,7 +244,7 @@ class ZstdMethod(MultiFDMethod):
 
     def __init__(self, **options: Any) -> None:
         opts = dict(options)
-        self.level = _int_option(opts, "level", DEFAULT_LEVEL, MIN_LEVEL, MAX_LEVEL)
+        self.level = int_option(opts, "zstd", "level", DEFAULT_LEVEL, MIN_LEVEL, MAX_LEVEL)
         if opts:
             raise ConfigError(f"zstd takes the option 'level' only, got {sorted(opts)}")
         self.options = {"level": self.level}
