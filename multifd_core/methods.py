@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from .errors import ConfigError
+from .errors import ConfigError, DecompressionError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -78,6 +78,57 @@ class RecvContext:
         """Release resources; called once when the channel ends, whatever the reason."""
 
 
+class StreamSend(SendContext):
+    """The send side of a codec keeping one compression stream for the channel's life (QEMU's
+    zlib and zstd): each packet is its pages through ``stream.compress``, then one
+    ``stream.flush(flush_mode)`` that ends the packet on a byte boundary."""
+
+    def __init__(self, method: str, stream: Any, flush_mode: int) -> None:
+        self.method = method
+        self._c: Any = stream
+        self.flush_mode = flush_mode
+
+    def send_prepare(self, pages: Sequence[memoryview]) -> Sequence[Buffer]:
+        c = self._c
+        if c is None:
+            raise RuntimeError(f"{self.method} send context used after send_cleanup")
+        parts: list[Buffer] = []
+        for page in pages:
+            out = c.compress(page)
+            if out:
+                parts.append(out)
+        parts.append(c.flush(self.flush_mode))
+        return parts
+
+    def send_cleanup(self) -> None:
+        self._c = None
+
+
+class StreamRecv(RecvContext):
+    """The receive side of a per-channel stream: ``decode`` fills the pages from one payload.
+    Once a payload fails, the stream's state is unknown: every later payload is refused with
+    the first error."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self._broken: str | None = None
+
+    def recv_pages(self, payload: memoryview, pages: Sequence[memoryview]) -> None:
+        if self._broken is not None:
+            raise DecompressionError(
+                f"{self.method} stream unusable after an earlier error: {self._broken}"
+            )
+        try:
+            self.decode(payload, pages)
+        except DecompressionError as exc:
+            self._broken = exc.message
+            raise
+
+    def decode(self, payload: memoryview, pages: Sequence[memoryview]) -> None:
+        """Decode ``payload`` into ``pages`` (the contract of ``recv_pages``)."""
+        raise NotImplementedError
+
+
 class MultiFDMethod(ABC):
     """A compression method. Subclass it, set ``name`` and ``value``, and publish it from a
     ``multifd_methods`` hook implementation.
@@ -126,6 +177,8 @@ __all__ = [
     "MultiFDMethod",
     "RecvContext",
     "SendContext",
+    "StreamRecv",
+    "StreamSend",
     "int_option",
     "scatter",
 ]

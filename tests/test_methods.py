@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import textwrap
 import types
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -546,3 +548,53 @@ def test_nocomp_recv_pages_wrong_length(length):
     assert type(info.value) is DecompressionError
     assert f"{length} bytes" in str(info.value) and "8192" in str(info.value)
     assert memory == bytes(2 * 4096)  # nothing written
+
+
+def test_int_option_takes_its_option_out() -> None:
+    from multifd_core import int_option
+
+    opts: dict[str, object] = {"level": "3", "other": 1}
+    assert int_option(opts, "m", "level", 1, 0, 9) == 3
+    assert opts == {"other": 1}  # taken out: what is left is unknown to the method
+    assert int_option(opts, "m", "level", 7, 0, 9) == 7  # absent: the default
+    for bad, message in (
+        (True, "m option level=True is not an integer"),
+        ("x", "m option level='x' is not an integer"),
+        (10, "m option level=10 is outside 0..9"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            int_option({"level": bad}, "m", "level", 1, 0, 9)
+
+
+def test_scatter_fills_each_page_in_order() -> None:
+    from multifd_core import scatter
+
+    buf = bytearray(5 * 8)
+    pages = [memoryview(buf)[0:8], memoryview(buf)[16:32], memoryview(buf)[32:40]]
+    scatter(bytes(range(32)), pages)
+    assert bytes(buf) == bytes(range(8)) + bytes(8) + bytes(range(8, 32))
+    one = bytearray(8)
+    scatter(b"abcdefgh", [memoryview(one)])
+    assert one == b"abcdefgh"
+
+
+def test_stream_recv_refuses_everything_after_a_failure() -> None:
+    from multifd_core.methods import StreamRecv
+
+    class Flaky(StreamRecv):
+        calls = 0
+
+        def decode(self, payload: memoryview, pages: Sequence[memoryview]) -> None:
+            self.calls += 1
+            if bytes(payload) == b"bad":
+                raise DecompressionError("corrupt block")
+            pages[0][:] = payload
+
+    rx = Flaky("flaky")
+    page = memoryview(bytearray(2))
+    rx.recv_pages(memoryview(b"ok"), [page])
+    with pytest.raises(DecompressionError, match="corrupt block"):
+        rx.recv_pages(memoryview(b"bad"), [page])
+    with pytest.raises(DecompressionError, match="flaky stream unusable after an earlier error"):
+        rx.recv_pages(memoryview(b"ok"), [page])
+    assert rx.calls == 2

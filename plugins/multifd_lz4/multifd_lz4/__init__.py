@@ -19,16 +19,9 @@ from typing import Any
 
 import lz4.block  # type: ignore[import-untyped]
 
-from multifd_core import (
-    Buffer,
-    MultiFDMethod,
-    RecvContext,
-    SendContext,
-    hookimpl,
-    int_option,
-    scatter,
-)
+from multifd_core import Buffer, MultiFDMethod, RecvContext, SendContext, hookimpl
 from multifd_core.errors import ConfigError, DecompressionError
+from multifd_core.methods import int_option, scatter
 
 __all__ = ["Lz4Method", "Lz4Recv", "Lz4Send", "compress_bound", "multifd_methods"]
 

@@ -19,16 +19,9 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from multifd_core import (
-    Buffer,
-    MultiFDMethod,
-    RecvContext,
-    SendContext,
-    hookimpl,
-    int_option,
-    scatter,
-)
+from multifd_core import MultiFDMethod, RecvContext, SendContext, hookimpl
 from multifd_core.errors import ConfigError, DecompressionError
+from multifd_core.methods import StreamRecv, StreamSend, int_option, scatter
 
 __all__ = ["ZlibMethod", "ZlibRecv", "ZlibSend", "multifd_methods"]
 
@@ -40,46 +33,24 @@ DEFAULT_LEVEL = 1
 SYNC_MARKER = b"\x00\x00\xff\xff"
 
 
-class ZlibSend(SendContext):
+class ZlibSend(StreamSend):
     """One deflate stream for the channel's life; one sync flush per packet."""
 
     def __init__(self, level: int) -> None:
         # Same parameters as QEMU's deflateInit(level): window bits 15, memLevel 8, default
         # strategy, zlib wrapper.
-        self._c: Any = zlib.compressobj(level)
-
-    def send_prepare(self, pages: Sequence[memoryview]) -> Sequence[Buffer]:
-        c = self._c
-        if c is None:
-            raise RuntimeError("zlib send context used after send_cleanup")
-        parts: list[Buffer] = []
-        for page in pages:
-            out = c.compress(page)
-            if out:
-                parts.append(out)
-        parts.append(c.flush(zlib.Z_SYNC_FLUSH))
-        return parts
-
-    def send_cleanup(self) -> None:
-        self._c = None
+        super().__init__("zlib", zlib.compressobj(level), zlib.Z_SYNC_FLUSH)
 
 
-class ZlibRecv(RecvContext):
+class ZlibRecv(StreamRecv):
     """One inflate stream for the channel's life; each payload must fill its pages exactly."""
 
     def __init__(self) -> None:
+        super().__init__("zlib")
         self._d: Any = zlib.decompressobj()
-        self._broken: str | None = None
 
-    def recv_pages(self, payload: memoryview, pages: Sequence[memoryview]) -> None:
-        if self._broken is not None:
-            raise DecompressionError(f"zlib stream unusable after an earlier error: {self._broken}")
-        try:
-            out = self._inflate(payload, pages)
-        except DecompressionError as exc:
-            self._broken = exc.message
-            raise
-        scatter(out, pages)
+    def decode(self, payload: memoryview, pages: Sequence[memoryview]) -> None:
+        scatter(self._inflate(payload, pages), pages)
 
     def _inflate(self, payload: memoryview, pages: Sequence[memoryview]) -> memoryview:
         d = self._d

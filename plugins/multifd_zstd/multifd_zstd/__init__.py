@@ -24,15 +24,9 @@ from typing import Any
 
 import zstandard
 
-from multifd_core import (
-    Buffer,
-    MultiFDMethod,
-    RecvContext,
-    SendContext,
-    hookimpl,
-    int_option,
-)
+from multifd_core import MultiFDMethod, RecvContext, SendContext, hookimpl
 from multifd_core.errors import ConfigError, DecompressionError
+from multifd_core.methods import StreamRecv, StreamSend, int_option
 
 __all__ = ["ZstdMethod", "ZstdRecv", "ZstdSend", "multifd_methods"]
 
@@ -127,49 +121,28 @@ def _feed(
     out.write(chunk)
 
 
-class ZstdSend(SendContext):
+class ZstdSend(StreamSend):
     """One compression stream (one never-ending frame) per channel, flushed per packet."""
 
     def __init__(self, level: int) -> None:
         # One ZstdCompressor per channel: compressobj() resets the compressor's context, so
         # two channels must not share one.
         cctx = zstandard.ZstdCompressor(level=level, write_content_size=False)
-        self._c: Any = cctx.compressobj()
-
-    def send_prepare(self, pages: Sequence[memoryview]) -> Sequence[Buffer]:
-        c = self._c
-        if c is None:
-            raise RuntimeError("zstd send context used after send_cleanup")
-        parts: list[Buffer] = []
-        for page in pages:
-            out = c.compress(page)
-            if out:
-                parts.append(out)
-        parts.append(c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
-        return parts
-
-    def send_cleanup(self) -> None:
-        self._c = None
+        super().__init__("zstd", cctx.compressobj(), zstandard.COMPRESSOBJ_FLUSH_BLOCK)
 
 
-class ZstdRecv(RecvContext):
+class ZstdRecv(StreamRecv):
     """One decompression stream per channel; each payload must fill its pages exactly."""
 
     def __init__(self) -> None:
+        super().__init__("zstd")
         # One ZstdDecompressor per channel, for the same reason as on the send side.
         dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE)
         self._d: Any = dctx.decompressobj(read_across_frames=False)
         self._started = False
-        self._broken: str | None = None
 
-    def recv_pages(self, payload: memoryview, pages: Sequence[memoryview]) -> None:
-        if self._broken is not None:
-            raise DecompressionError(f"zstd stream unusable after an earlier error: {self._broken}")
-        try:
-            self._decompress(payload, pages)
-        except DecompressionError as exc:
-            self._broken = exc.message
-            raise
+    def decode(self, payload: memoryview, pages: Sequence[memoryview]) -> None:
+        self._decompress(payload, pages)
 
     def _decompress(self, payload: memoryview, pages: Sequence[memoryview]) -> None:
         d = self._d
