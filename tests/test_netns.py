@@ -29,7 +29,6 @@ the delay line's own tests (at the end) need neither.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
@@ -57,6 +56,7 @@ if os.fspath(Path(__file__).resolve().parent) not in sys.path:  # for netsim
     sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
 import netsim
 from netsim import Conditions, Link
+from procs import wait_ready_file
 
 _WHY_NOT = netsim.namespaces_unavailable()
 #: the tests that make namespaces; they are the only ones that skip, and only for this reason
@@ -217,19 +217,7 @@ def receiver(
         "20",
         *args,
     ) as proc:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                host, port = ast.literal_eval(ready.read_text())
-                break
-            except (OSError, ValueError, SyntaxError):  # not there yet, or half written
-                pass
-            if proc.poll() is not None:
-                err = proc.communicate()[1]
-                pytest.fail(f"recv exited {proc.returncode} before listening: {err}")
-            if time.monotonic() > deadline:
-                pytest.fail("recv did not write its ready file")
-            time.sleep(0.01)
+        host, port = wait_ready_file(proc, ready, 20)
         assert host == link.dst_addr
         yield proc, port, out_dir
 
