@@ -153,9 +153,10 @@ class PacketLanding:
             if not self.method.raw_payload:
                 await self._decode(block, packet, spans, what)
             elif block.fd is not None:  # the runs lie end to end in the bounce buffer
-                size = packet.normal_pages * block.page_size
                 runs = self._targets(block, spans)
-                await self.io.receive_into(memoryview(self._bounce or b"")[:size], what)
+                assert self._bounce is not None  # made by _targets
+                size = packet.normal_pages * block.page_size
+                await self.io.receive_into(memoryview(self._bounce)[:size], what)
                 await self.write_file(block, spans, runs)
             else:
                 await self.io.receive_into_views(self._targets(block, spans), what)
