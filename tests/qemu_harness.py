@@ -30,6 +30,10 @@ from typing import Any
 import pytest
 
 QEMU_BINARY = "qemu-system-x86_64"
+#: The QEMUs these tests drive, by version: Debian 12's 7.2 on PATH, and Debian 13's 10.0 from
+#: the private root ``.ci/qemu10-root.sh`` builds (its wrapper's path in MULTIFD_QEMU10).
+QEMU_VERSIONS = ("7.2", "10.0")
+QEMU10_ENV = "MULTIFD_QEMU10"
 #: Every QEMU of these tests: small and fast.
 QEMU_BASE_ARGS = ("-nodefaults", "-display", "none", "-accel", "tcg", "-machine", "q35")
 DEFAULT_MEMORY = "64M"
@@ -86,8 +90,25 @@ def read_counters(mem: bytes, base: int = 0) -> list[int]:
     return out
 
 
-def qemu_available() -> bool:
-    return shutil.which(QEMU_BINARY) is not None
+def qemu_binary(version: str = "7.2") -> str | None:
+    """The command of QEMU ``version``, or None where it is not installed."""
+    if version == "7.2":
+        return shutil.which(QEMU_BINARY)
+    if version == "10.0":
+        path = os.environ.get(QEMU10_ENV)
+        return path if path and os.access(path, os.X_OK) else None
+    raise ValueError(f"no QEMU {version} in these tests")
+
+
+def qemu_available(version: str = "7.2") -> bool:
+    return qemu_binary(version) is not None
+
+
+def skip_unless_qemu(version: str) -> None:
+    """Skip the calling test where QEMU ``version`` is absent (CI installs both)."""
+    if not qemu_available(version):
+        where = QEMU_BINARY if version == "7.2" else f"${QEMU10_ENV} (.ci/qemu10-root.sh)"
+        pytest.skip(f"QEMU {version} is not installed ({where})")
 
 
 # --- pytest plugin ------------------------------------------------------------------------
@@ -299,13 +320,17 @@ class Lab:
         paused: bool = True,
         memory: str = DEFAULT_MEMORY,
         qmp_timeout: float = 10.0,
+        version: str = "7.2",
     ) -> Qemu:
-        """Start a QEMU (``-S`` unless ``paused`` is False) with QMP on a unix socket."""
+        """Start QEMU ``version`` (``-S`` unless ``paused`` is False) with QMP on a unix socket."""
+        binary = qemu_binary(version)
+        if binary is None:
+            raise AssertionError(f"QEMU {version} is not installed")
         sock = self.sockets / f"{name}.qmp"
         log = self.tmp / f"{name}.log"
         sock.unlink(missing_ok=True)
         argv = [
-            QEMU_BINARY,
+            binary,
             *QEMU_BASE_ARGS,
             "-m",
             memory,

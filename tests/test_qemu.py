@@ -129,6 +129,15 @@ def restore(lab: qh.Lab, snap: Path, port: int, channels: int, method: str) -> d
 # --- the pattern itself ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_each_qemu_runs(lab: qh.Lab, version: str) -> None:
+    """Every QEMU the tests use is installed (CI builds 10.0's root) and answers over QMP."""
+    qh.skip_unless_qemu(version)
+    q = lab.qemu(f"q{version}", version=version)
+    got = q.cmd("query-version")["qemu"]
+    assert f"{got['major']}.{got['minor']}" == version
+
+
 def test_pattern_has_every_kind_of_page() -> None:
     data = pattern()
     pages = [data[i : i + qh.PAGE] for i in range(0, len(data), qh.PAGE)]
