@@ -1,18 +1,27 @@
-"""Files as RAM blocks: zero-copy mappings for ``multifd send`` and ``multifd recv``.
+"""Files as RAM blocks: mappings for ``multifd send``, and the files ``multifd recv`` makes.
 
 A file of any size becomes one block named after it. Its size is rounded up to whole pages: a
 private mapping past the end of a file reads as zeros inside the last system page, so even the
 tail needs no copy. The exact sizes travel in the main stream's JSON description after EOF
 (QEMU's vmdesc slot), and the receiver cuts each file back to its exact size.
+
+The receiver stores each block under the file name :func:`file_name_for` gives (any name QEMU
+can send, ``/rom@etc/acpi/tables`` included), and writes a manifest (:data:`MANIFEST`) of block
+names, sizes and files: :class:`ReceivedFiles`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import mmap
 import os
+import re
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,23 +142,229 @@ def block_name_for(path: str | os.PathLike[str]) -> str:
     return name
 
 
-def safe_output_path(directory: Path, name: str) -> Path:
-    """Where block ``name`` goes in ``directory``; refuses names that would escape it."""
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise ProtocolError(f"block name {name!r} cannot be a file name")
-    return directory / name
-
-
 def files_description(blocks: list[FileBlock]) -> bytes:
     return json.dumps({"multifd-files": {b.name: b.file_size for b in blocks}}).encode()
 
 
-def parse_files_description(data: bytes | None) -> dict[str, int]:
+def _description(data: bytes | None) -> Any:
+    """The source's JSON description after EOF, parsed; None when it sent none."""
     if not data:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"bad file description after EOF: {exc}") from exc
+
+
+def _file_sizes(description: Any) -> dict[str, int]:
+    """The exact file sizes ``multifd send`` gives in its description (``multifd-files``)."""
+    if description is None:
         return {}
     try:
-        desc: Any = json.loads(data)
-        sizes = desc.get("multifd-files", {})
+        sizes = description.get("multifd-files", {})
         return {str(k): int(v) for k, v in sizes.items()}
     except (ValueError, AttributeError, TypeError) as exc:
         raise ProtocolError(f"bad file description after EOF: {exc}") from exc
+
+
+# --- block names as file names ------------------------------------------------------------
+
+#: bytes in one file name (Linux's NAME_MAX, and that of every common file system)
+NAME_MAX = 255
+#: between the readable prefix and the digest of a name too long to escape in full
+DIGEST_MARK = "%+"
+_DIGEST_HEX = 64  # hex digits of a SHA-256
+_PREFIX_MAX = NAME_MAX - len(DIGEST_MARK) - _DIGEST_HEX
+#: escaped wherever they are: the escape itself, the separator, the controls (Unicode's Cc)
+_ALWAYS = re.compile(r"[%/\x00-\x1f\x7f-\x9f]")
+_ESCAPED = re.compile(r"(?:[^%]|%[0-9A-F]{2})+")
+_DIGEST_NAME = re.compile(r"(.+)%\+[0-9a-f]{64}")
+#: the rule in one line, for the manifest
+FILE_NAMES = (
+    "block name with '%', '/', U+0001-U+001F, U+007F-U+009F and a leading '.' as %XX "
+    "(upper-case hex, one a UTF-8 byte); past 255 bytes: its first 189 bytes or fewer "
+    "(whole characters), '%+', the SHA-256 of the block name (UTF-8) in lower-case hex"
+)
+
+
+def _escape(char: str) -> str:
+    return "".join(f"%{byte:02X}" for byte in char.encode())
+
+
+def _units(name: str) -> list[str]:
+    """The name character by character: kept, or replaced by its escape."""
+    return [
+        _escape(c) if _ALWAYS.match(c) or (i == 0 and c == ".") else c for i, c in enumerate(name)
+    ]
+
+
+def file_name_for(name: str) -> str:
+    """The file that holds block ``name`` in ``multifd recv``'s directory, exactly:
+
+    1. Each character of the name stays as it is, except these, which become the RFC 3986
+       percent-encoding of their UTF-8 bytes (``%`` and two upper-case hex digits a byte):
+       ``%`` (the escape itself), ``/``, the control characters U+0001-U+001F, U+007F and
+       U+0080-U+009F (Unicode's category Cc, a set that never changes), and ``.`` when it is
+       the first character (no ``.``, ``..`` or hidden file: names starting with a dot are the
+       receiver's own, as :data:`MANIFEST`).
+    2. That is the file name if it is at most :data:`NAME_MAX` (255) bytes of UTF-8:
+       ``urllib.parse.unquote`` (or :func:`block_name_from_file`) gives the block name back.
+    3. Else (a name of up to 255 bytes can grow to 765): its longest prefix of whole
+       characters or escapes within 189 bytes, then ``%+``, then the SHA-256 of the block name's
+       UTF-8 bytes in 64 lower-case hex digits: 255 bytes at most. A rule-2 name never holds
+       ``%+``, so the two kinds never meet; the manifest maps these files to their blocks.
+
+    So a name that already is a plain file name (``disk.img``, ``a.part``, ``pc.ram``,
+    ``my disk.img``, ``été.img``) is unchanged, case and all; ``/rom@etc/acpi/tables`` is
+    ``%2From@etc%2Facpi%2Ftables``. A name-only scheme cannot do without rule 3: there are more
+    block names of each length than file names free of ``/`` and controls, so no such mapping
+    into 255 bytes is one-to-one. ConfigError for an invalid block name (see wire.py).
+
+    Why this rule: percent-encoding is the most widely decodable escape (every URL library),
+    and escaping only what is unsafe in a Linux file name keeps every name that already is a
+    plain one as it is. systemd-escape would not: it escapes ``-``, spaces and every byte
+    outside ASCII (``my disk.img`` becomes ``my\\x20disk.img``), and RFC 3986's full reserved
+    set would escape ``@``, ``:`` and spaces as well.
+    """
+    encode_block_name(name)  # 1..255 bytes of UTF-8, no NUL
+    units = _units(name)
+    escaped = "".join(units)
+    if len(escaped.encode()) <= NAME_MAX:
+        return escaped
+    prefix: list[str] = []
+    used = 0
+    for unit in units:
+        used += len(unit.encode())
+        if used > _PREFIX_MAX:
+            break
+        prefix.append(unit)
+    return "".join(prefix) + DIGEST_MARK + hashlib.sha256(name.encode()).hexdigest()
+
+
+def block_name_from_file(file: str) -> str | None:
+    """The block whose file :func:`file_name_for` names ``file``; None for a digest name (rule
+    3: look it up in the manifest). ValueError for a name that file_name_for never gives."""
+    digest = _DIGEST_NAME.fullmatch(file)
+    if digest is not None and _ESCAPED.fullmatch(digest.group(1)):
+        return None
+    if not _ESCAPED.fullmatch(file):
+        raise ValueError(f"{file!r} is not a block's file name")
+    name = urllib.parse.unquote_to_bytes(file).decode("utf-8")  # UnicodeDecodeError: ValueError
+    if file_name_for(name) != file:  # not the one spelling rule 1 gives (%41 for A, say)
+        raise ValueError(f"{file!r} is not a block's file name")
+    return name
+
+
+# --- the receiver's directory -------------------------------------------------------------
+
+#: The manifest ``multifd recv`` writes in its directory once every file is in place. It starts
+#: with a dot, as no block's file does (rule 1 of file_name_for).
+MANIFEST = ".multifd-recv.json"
+MANIFEST_FORMAT = "multifd-recv/1"
+PART = ".part"
+#: a block's temporary name where FILE.part cannot be (N: the block's index)
+SPARE_PART = ".multifd-recv.{}.part"
+
+
+@dataclass
+class _Received:
+    """One block of a ReceivedFiles, and its file."""
+
+    index: int
+    block: RAMBlock
+    file: str  # its name in the directory once the migration completed
+    part: str  # its name until then
+
+
+class ReceivedFiles:
+    """The files of one ``multifd recv`` in ``directory``: one a block, named by
+    :func:`file_name_for`, under a temporary name until the migration completed.
+
+    The temporary name is ``FILE.part``, or ``.multifd-recv.N.part`` (N: the block's index)
+    where ``FILE.part`` would pass 255 bytes or is another block's file (blocks ``a`` and
+    ``a.part``, in either order): no block's temporary name is ever another's final name.
+    :meth:`commit` cuts the files to their exact sizes, renames them and then writes the
+    manifest; :meth:`discard` removes the temporary files of a failed migration."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.received: dict[str, _Received] = {}
+
+    def block_factory(self, name: str, size: int, page_size: int) -> RAMBlock:
+        """The destination's ``block_factory``: a block mapping its temporary file."""
+        file = file_name_for(name)
+        self._make_room(name, file)
+        index = len(self.received)
+        part = file + PART
+        if len(part.encode()) > NAME_MAX or any(r.file == part for r in self.received.values()):
+            part = SPARE_PART.format(index)
+        path = self.directory / part
+        try:
+            block = RAMBlock.from_file(name, path, size, page_size, create=True)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+            raise
+        self.received[name] = _Received(index, block, file, part)
+        return block
+
+    def _make_room(self, name: str, file: str) -> None:
+        """Refuse a second block for one file; move aside an earlier block's temporary file
+        that has this block's file name (``a.part`` of block ``a``, when block ``a.part``
+        comes after it: a file renamed while open and mapped stays the same file)."""
+        for other, got in self.received.items():
+            if got.file == file:
+                raise ProtocolError(f"blocks {other!r} and {name!r} would be one file {file!r}")
+            if got.part == file:
+                spare = SPARE_PART.format(got.index)
+                os.rename(self.directory / got.part, self.directory / spare)
+                got.part = spare
+
+    def paths(self) -> dict[str, str]:
+        """Each block's file, by block name."""
+        return {name: str(self.directory / got.file) for name, got in self.received.items()}
+
+    def commit(self, description: bytes | None) -> dict[str, Any]:
+        """The migration completed: cut each file to the size the source's ``description``
+        gives (``multifd send`` gives them), rename it to its final name, and write the
+        manifest, last, so that it is there only when every file is. Returns the manifest."""
+        desc = _description(description)
+        sizes = _file_sizes(desc)
+        blocks = [_entry(name, got, sizes.get(name)) for name, got in self.received.items()]
+        for got, entry in zip(self.received.values(), blocks, strict=True):
+            got.block.close()
+            part = self.directory / got.part
+            if entry["size"] != entry["block-size"]:
+                os.truncate(part, entry["size"])
+            os.replace(part, self.directory / got.file)
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "file-names": FILE_NAMES,
+            "blocks": blocks,
+            "description": desc,
+        }
+        tmp = self.directory / (MANIFEST + PART)
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, self.directory / MANIFEST)
+        return manifest
+
+    def discard(self) -> None:
+        """The migration failed: remove every temporary file."""
+        for got in self.received.values():
+            # the error on its way out may still hold views of the mapping (frames of the
+            # channel tasks): then the mmap stays open until exit, but the file must go
+            with contextlib.suppress(BufferError):
+                got.block.close()
+            (self.directory / got.part).unlink(missing_ok=True)
+
+
+def _entry(name: str, got: _Received, size: int | None) -> dict[str, Any]:
+    """A block's line in the manifest; ``size`` is its file's size from the description."""
+    block_size = got.block.size
+    if size is None:
+        size = block_size
+    elif not 0 < size <= block_size:
+        raise ProtocolError(
+            f"the source gives block {name!r} of {block_size} bytes a file size of {size}"
+        )
+    return {"name": name, "file": got.file, "size": size, "block-size": block_size}

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
 from .. import open_destination, open_source
 from ..errors import ConfigError
-from ..files import (
-    FileBlock,
-    block_name_for,
-    files_description,
-    parse_files_description,
-    safe_output_path,
-)
+from ..files import MANIFEST, FileBlock, ReceivedFiles, block_name_for, files_description
 from ..options import RECV_DEFAULTS
-from ..ram import RAMBlock
 from ..tls import TLSAcceptor, tls_acceptor
 from ..transport import Acceptor
 from .ends import (
@@ -62,15 +53,7 @@ async def cmd_send(args: argparse.Namespace) -> dict[str, Any]:
 async def cmd_recv(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    made: dict[str, tuple[RAMBlock, Path]] = {}
-
-    def factory(name: str, size: int, page_size: int) -> RAMBlock:
-        final = safe_output_path(out_dir, name)
-        part = final.with_name(final.name + ".part")
-        block = RAMBlock.from_file(name, part, size, page_size, create=True)
-        made[name] = (block, final)
-        return block
-
+    received = ReceivedFiles(out_dir)
     tls = tls_server_context(args)
     accept: Acceptor | TLSAcceptor = await acceptor(args.listen)
     if tls is not None:
@@ -80,27 +63,20 @@ async def cmd_recv(args: argparse.Namespace) -> dict[str, Any]:
         async with accept:
             write_ready_file(args, accept)
             async with open_destination(
-                accept, destination_options(args, RECV_DEFAULTS), block_factory=factory
+                accept,
+                destination_options(args, RECV_DEFAULTS),
+                block_factory=received.block_factory,
             ) as dst:
                 stats = await dst.wait()
-        sizes = parse_files_description(dst.vmdesc)
-        for name, (block, final) in made.items():
-            block.close()
-            part = final.with_name(final.name + ".part")
-            if name in sizes:
-                os.truncate(part, sizes[name])
-            os.replace(part, final)
+        received.commit(dst.vmdesc)
         ok = True
     finally:
         if not ok:
-            for block, final in made.values():
-                # the error on its way out may still hold views of the mapping (frames of the
-                # channel tasks): then the mmap stays open until exit, but the file must go
-                with contextlib.suppress(BufferError):
-                    block.close()
-                final.with_name(final.name + ".part").unlink(missing_ok=True)
+            received.discard()
     out = stats.as_dict()
-    out["files"] = {name: str(final) for name, (_, final) in made.items()}
+    out["files"] = received.paths()
+    out["manifest"] = str(out_dir / MANIFEST)
     if not args.json:
-        print(summary("recv", stats, {"files": ", ".join(out["files"].values())}))
+        files = ", ".join(out["files"].values())
+        print(summary("recv", stats, {"files": files, "manifest": out["manifest"]}))
     return out
