@@ -168,7 +168,7 @@ def test_send_recv_files(tmp_path: Path, inputs: Inputs) -> None:
         src["ram"]["duplicate"],
     )
 
-    assert sorted(os.listdir(out_dir)) == sorted(sizes)  # no .part left
+    assert sorted(os.listdir(out_dir)) == sorted([*sizes, ".multifd-recv.json"])  # no .part left
     for name, size in sizes.items():
         assert (out_dir / name).stat().st_size == size, name
         assert sha256(out_dir / name) == inputs.sums[name], name
