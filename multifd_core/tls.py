@@ -361,19 +361,32 @@ class TLSAcceptor:
     """Wraps an acceptor: ``await acceptor()`` returns the next connection as a TLS stream
     whose handshake has not run yet (the destination runs it in the connection's own task).
 
-    ``address``, ``port`` and ``aclose`` are those of the wrapped acceptor.
+    ``address``, ``port`` and ``aclose`` are those of the wrapped acceptor. With
+    ``https_compatible`` (trio's option of that name), a client that closes without a
+    close_notify ends its stream as a plain end of file, and this side closes without one
+    too: QEMU's sources end their TLS channels so (all of 7.2's; 10.0's main channel, and its
+    multifd channels with machine types before 10.0), as QEMU's own destination tolerates. No
+    truncation goes unseen for it: the migration stream frames everything (packet headers,
+    the final SYNC, QEMU_VM_EOF), so a stream cut short still fails as one.
     """
 
     def __init__(
-        self, accept: Callable[[], Awaitable[trio.abc.Stream]], context: ssl.SSLContext
+        self,
+        accept: Callable[[], Awaitable[trio.abc.Stream]],
+        context: ssl.SSLContext,
+        *,
+        https_compatible: bool = False,
     ) -> None:
         self.accept = accept
         self.context = context
+        self.https_compatible = https_compatible
 
     async def __call__(self) -> TLSStream:
         stream = await self.accept()
         try:
-            return _ssl_stream(stream, self.context, server_side=True)
+            return _ssl_stream(
+                stream, self.context, server_side=True, https_compatible=self.https_compatible
+            )
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
@@ -399,7 +412,11 @@ class TLSAcceptor:
 
 
 def tls_acceptor(
-    accept: Callable[[], Awaitable[trio.abc.Stream]], context: ssl.SSLContext
+    accept: Callable[[], Awaitable[trio.abc.Stream]],
+    context: ssl.SSLContext,
+    *,
+    https_compatible: bool = False,
 ) -> TLSAcceptor:
-    """Wrap ``accept`` (e.g. ``await open_tcp_acceptor(host, port)``) with TLS."""
-    return TLSAcceptor(accept, context)
+    """Wrap ``accept`` (e.g. ``await open_tcp_acceptor(host, port)``) with TLS
+    (``https_compatible``: see :class:`TLSAcceptor`)."""
+    return TLSAcceptor(accept, context, https_compatible=https_compatible)
