@@ -364,8 +364,8 @@ class TLSAcceptor:
     ``address``, ``port`` and ``aclose`` are those of the wrapped acceptor. With
     ``https_compatible`` (trio's option of that name), a client that closes without a
     close_notify ends its stream as a plain end of file, and this side closes without one
-    too: QEMU's sources end their TLS channels so (all of 7.2's; 10.0's main channel, and its
-    multifd channels with machine types before 10.0), as QEMU's own destination tolerates. No
+    too: QEMU 7.2 ends every TLS channel so (10.0 sends one on its multifd channels), and
+    QEMU's own destination tolerates it (relaxed EOF) and sends none itself. No
     truncation goes unseen for it: the migration stream frames everything (packet headers,
     the final SYNC, QEMU_VM_EOF), so a stream cut short still fails as one.
     """

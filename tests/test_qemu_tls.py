@@ -11,15 +11,26 @@ a server with ``verify-peer=on`` (the default) requires a client certificate fro
 checks no host name. QEMU checks the peer's certificate only once the handshake is done, and
 then just closes the connection: its peer learns nothing but that the connection closed. QEMU
 7.2 never ends a TLS channel with a close_notify (qemu-save takes that as an end of stream,
-``TLSAcceptor(https_compatible=True)``); 10.0 sends one on multifd channels.
+``TLSAcceptor(https_compatible=True)``); 10.0 sends one on its multifd channels.
 
-Matrix, per QEMU version (7.2, 10.0): one capture and restore over mutual TLS (2 channels,
-zstd; a running guest, RAM equal to QEMU's pmemsave, the restored guest runs on; about 4 s
-under TCG), and six refusals of about 1 s each: a wrong CA and a wrong host name on each end
-of each direction where that end checks one (qemu-save's client CA, QEMU source's CA and host
-name; qemu-restore's CA and host name, QEMU destination's CA). QEMU 10.0 runs with the
-machine type pc-q35-7.2 here: a QEMU 10.0 source of its own machine type sends the 8.0+
-main-stream dialect (MULTIFD_FLUSH), which qemu-save cannot read yet, TLS or not.
+What a refusal looks like, as measured (both versions alike). Where our side checks (its CA,
+its host name, qemu-save's client CA) it exits 1 with a TLSError saying why; QEMU then fails
+its outgoing migration (the write after its handshake fails), or logs ``TLS handshake failed``
+for an incoming one and keeps waiting: a QEMU destination never goes ``failed`` for a
+connection whose TLS fails, it takes the next one (checked: a good restore then completes).
+Where QEMU checks (its CA, its host name), it does so after the handshake and closes without an
+alert: a QEMU source goes ``failed`` with the reason in ``error-desc``, a QEMU destination logs
+it; our side sees only a connection closed right after its handshake and says just that
+(ChannelClosed, see each test).
+
+Matrix, per QEMU version (7.2, 10.0), about 26 s in all under TCG: one capture and restore over
+mutual TLS (2 channels, zstd; a running guest, RAM equal to QEMU's pmemsave, the restored
+guest runs on; 4-6 s), three refused captures (about 1 s each: QEMU trusts another CA, QEMU
+wants another host name, qemu-save trusts another client CA) and three refused restores (1.5-2
+s each, with a good restore after two of them: qemu-restore trusts another CA, wants another
+host name; QEMU trusts another client CA). QEMU 10.0 runs with the machine type pc-q35-7.2
+here: a QEMU 10.0 source of its own machine type sends the 8.0+ main-stream dialect
+(MULTIFD_FLUSH), which qemu-save cannot read yet, TLS or not.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +71,8 @@ PROMPT = 10.0
 
 @dataclass
 class PKI:
-    """A CA and another CA; a server certificate for localhost / 127.0.0.1 and a client
-    certificate, both from the CA. Files for our side, and QEMU ``dir``s per role and CA."""
+    """Two CAs, each with a server certificate for localhost / 127.0.0.1; a client
+    certificate from the first. Files for our side, and QEMU ``dir``s made from them."""
 
     root: Path
     ca: Path
@@ -70,21 +81,27 @@ class PKI:
     server_key: Path
     client_cert: Path
     client_key: Path
+    other_server_cert: Path
+    other_server_key: Path
 
-    def qemu_dir(self, endpoint: str, *, trust: str = "ca") -> Path:
-        """A ``tls-creds-x509`` dir for ``endpoint`` (client | server) with our certificates
-        and ``trust`` (ca | other) as its ca-cert.pem."""
-        d = self.root / f"qemu-{endpoint}-{trust}"
-        if not d.exists():
-            d.mkdir()
-            shutil.copyfile(self.ca if trust == "ca" else self.other_ca, d / "ca-cert.pem")
-            cert, key = (
-                (self.server_cert, self.server_key)
-                if endpoint == "server"
-                else (self.client_cert, self.client_key)
-            )
-            shutil.copyfile(cert, d / f"{endpoint}-cert.pem")
-            shutil.copyfile(key, d / f"{endpoint}-key.pem")
+    def qemu_dir(self, endpoint: str, *, other: bool = False, cert: bool = True) -> Path:
+        """A ``tls-creds-x509`` dir for ``endpoint`` (client | server): the CA's (or the
+        other CA's) certificate as ca-cert.pem, and unless not ``cert`` a certificate of the
+        same CA (QEMU refuses to start with its own certificate from a CA it does not trust).
+        """
+        d = self.root / f"qemu-{endpoint}-{'other' if other else 'ca'}-{cert}"
+        if d.exists():
+            return d
+        d.mkdir()
+        shutil.copyfile(self.other_ca if other else self.ca, d / "ca-cert.pem")
+        if cert:
+            pair = {
+                ("server", False): (self.server_cert, self.server_key),
+                ("server", True): (self.other_server_cert, self.other_server_key),
+                ("client", False): (self.client_cert, self.client_key),
+            }[endpoint, other]
+            shutil.copyfile(pair[0], d / f"{endpoint}-cert.pem")
+            shutil.copyfile(pair[1], d / f"{endpoint}-key.pem")
         return d
 
 
@@ -107,21 +124,24 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
         server_key=d / "server.key",
         client_cert=d / "client.pem",
         client_key=d / "client.key",
+        other_server_cert=d / "other-server.pem",
+        other_server_key=d / "other-server.key",
     )
     _write_leaf(ca.issue_cert("localhost", "127.0.0.1"), p.server_cert, p.server_key)
     _write_leaf(ca.issue_cert("qemu.example"), p.client_cert, p.client_key)
+    _write_leaf(other.issue_cert("localhost", "127.0.0.1"), p.other_server_cert, p.other_server_key)
     return p
 
 
-def save_tls(pki: PKI, *, client_ca: Path | None = None) -> list[str]:
-    """qemu-save's TLS options: our server certificate; QEMU's client certificate required."""
+def save_tls(pki: PKI, *, client_ca: Path | None) -> list[str]:
+    """qemu-save's TLS options: our server certificate; with ``client_ca``, QEMU's client
+    certificate required, from that CA."""
     return [
         "--tls-cert",
         os.fspath(pki.server_cert),
         "--tls-key",
         os.fspath(pki.server_key),
-        "--tls-client-ca",
-        os.fspath(client_ca or pki.ca),
+        *(["--tls-client-ca", os.fspath(client_ca)] if client_ca else []),
     ]
 
 
@@ -154,10 +174,20 @@ def boot_drive(lab: qh.Lab, name: str) -> tuple[str, ...]:
 
 
 def tls_source(
-    lab: qh.Lab, pki: PKI, version: str, *, trust: str = "ca", hostname: str = "localhost"
+    lab: qh.Lab,
+    pki: PKI,
+    version: str,
+    *,
+    other: bool = False,
+    cert: bool = True,
+    hostname: str = "localhost",
+    paused: bool = False,
 ) -> qh.Qemu:
-    """A running boot-sector guest set to migrate with multifd over TLS (client endpoint)."""
-    creds = f"tls-creds-x509,id=tls0,dir={pki.qemu_dir('client', trust=trust)},endpoint=client"
+    """A boot-sector guest (running unless ``paused``) set to migrate with multifd over TLS:
+    the client endpoint trusting the CA (or the other one), with a client certificate unless
+    not ``cert``, checking that the server's certificate carries ``hostname``."""
+    where = pki.qemu_dir("client", other=other, cert=cert)
+    creds = f"tls-creds-x509,id=tls0,dir={where},endpoint=client"
     source = lab.qemu(
         "src",
         "-machine",
@@ -165,7 +195,7 @@ def tls_source(
         *boot_drive(lab, "src"),
         "-object",
         creds,
-        paused=False,
+        paused=paused,
         version=version,
     )
     source.set_multifd(CHANNELS, METHOD, **{"tls-creds": "tls0", "tls-hostname": hostname})
@@ -173,14 +203,13 @@ def tls_source(
 
 
 def tls_destination(
-    lab: qh.Lab, pki: PKI, version: str, *, trust: str = "ca"
+    lab: qh.Lab, pki: PKI, version: str, *, other: bool = False
 ) -> tuple[qh.Qemu, int]:
     """A paused boot-sector guest waiting for a multifd migration over mutual TLS (the
-    server endpoint, verify-peer=on); and its port."""
-    creds = (
-        f"tls-creds-x509,id=tls0,dir={pki.qemu_dir('server', trust=trust)},"
-        "endpoint=server,verify-peer=on"
-    )
+    server endpoint, verify-peer=on: client certificates from its CA only), and its port.
+    ``other``: QEMU in the other CA's world (its CA and its server certificate)."""
+    where = pki.qemu_dir("server", other=other)
+    creds = f"tls-creds-x509,id=tls0,dir={where},endpoint=server,verify-peer=on"
     dest = lab.qemu(
         "dst",
         "-machine",
@@ -197,9 +226,13 @@ def tls_destination(
     return dest, int(dest.query_migrate()["socket-address"][0]["port"])
 
 
-def start_save(lab: qh.Lab, pki: PKI, snap: Path, **tls: Any) -> qh.MultifdProcess:
+def start_save(lab: qh.Lab, pki: PKI, snap: Path, *, client_ca: Path | None) -> qh.MultifdProcess:
     save = lab.qemu_save(
-        snap, channels=CHANNELS, method=METHOD, timeout=WAIT, extra=save_tls(pki, **tls)
+        snap,
+        channels=CHANNELS,
+        method=METHOD,
+        timeout=WAIT,
+        extra=save_tls(pki, client_ca=client_ca),
     )
     assert save.port is not None
     return save
@@ -260,7 +293,7 @@ def test_capture_and_restore_over_tls(lab: qh.Lab, pki: PKI, version: str) -> No
     source = tls_source(lab, pki, version)
     before = wait_counters(source, lab.tmp)
     snap = lab.tmp / "snap"
-    save = start_save(lab, pki, snap)
+    save = start_save(lab, pki, snap, client_ca=pki.ca)
     source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
     info = source.wait_migration(WAIT)
     assert info["status"] == "completed", (info, source.log_tail())
@@ -286,3 +319,119 @@ def test_capture_and_restore_over_tls(lab: qh.Lab, pki: PKI, version: str) -> No
     dest.cmd("cont")
     wait_counters(dest, lab.tmp, above=counters)  # the restored guest runs on
     assert dest.cmd("query-status")["status"] == "running"
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def snapshots(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[str], Path]]:
+    """A snapshot per QEMU version, made once for the refused restores (plain TCP: what is
+    refused there is the restore's connection, not the capture's)."""
+    made: dict[str, Path] = {}
+    with qh.lab(tmp_path_factory.mktemp("snapshots")) as the_lab:
+
+        def snapshot(version: str) -> Path:
+            if version not in made:
+                source = the_lab.qemu(
+                    f"src-{version}", "-machine", MACHINE[version], version=version
+                )
+                source.set_multifd(CHANNELS, METHOD)
+                snap = the_lab.tmp / f"snap-{version}"
+                save = the_lab.qemu_save(snap, channels=CHANNELS, method=METHOD, timeout=WAIT)
+                source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
+                assert source.wait_migration(WAIT)["status"] == "completed"
+                assert save.wait(WAIT) == 0, save.stderr()
+                made[version] = snap
+            return made[version]
+
+        yield snapshot
+
+
+#: Refused captures: how QEMU (``tls_source``) and qemu-save differ from a good capture.
+CAPTURE_REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
+    # QEMU does not trust our server certificate (and presents none: qemu-save asks none)
+    "qemu-trusts-another-ca": ({"other": True, "cert": False}, "none"),
+    "qemu-wants-another-host": ({"hostname": "wrong.example"}, "ca"),
+    "save-trusts-another-ca": ({}, "other"),
+}
+
+
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+@pytest.mark.parametrize("case", list(CAPTURE_REFUSALS))
+def test_capture_refused(lab: qh.Lab, pki: PKI, version: str, case: str) -> None:
+    """qemu-save exits 1 at once with one error line; QEMU's migration ends ``failed``."""
+    qh.skip_unless_qemu(version)
+    qemu_side, our_side = CAPTURE_REFUSALS[case]
+    source = tls_source(lab, pki, version, paused=True, **qemu_side)
+    snap = lab.tmp / "snap"
+    client_ca = {"ca": pki.ca, "other": pki.other_ca, "none": None}[our_side]
+    save = start_save(lab, pki, snap, client_ca=client_ca)
+    source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
+    assert save.wait(PROMPT) == 1, save.stderr()
+    line = one_error_line(save, "qemu-save")
+    info = source.wait_migration(PROMPT)
+    assert info["status"] == "failed", info
+    why = info.get("error-desc", "")
+    if case == "save-trusts-another-ca":
+        assert "TLSError: main channel: TLS handshake failed: certificate verify failed: " in line
+        assert "the client's certificate" in line and "wrong CA?" in line, line
+    else:
+        # QEMU checks our certificate after the handshake and just closes: all we see
+        assert "main channel: closed by peer before the first bytes" in line, line
+        if case == "qemu-wants-another-host":
+            assert why == "Certificate does not match the hostname wrong.example", info
+        else:
+            assert "issuer" in why or "not trusted" in why or "signer" in why, info
+    assert not snap.exists() or not any(snap.iterdir()), sorted(snap.iterdir())
+
+
+#: Refused restores: how QEMU (``tls_destination``) and qemu-restore differ from a good one.
+RESTORE_REFUSALS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "restore-trusts-another-ca": ({}, {"ca": "other"}),
+    "restore-wants-another-host": ({}, {"hostname": "wrong.example"}),
+    # QEMU does not trust our client certificate (we trust its server certificate)
+    "qemu-trusts-another-ca": ({"other": True}, {"ca": "other"}),
+}
+
+
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+@pytest.mark.parametrize("case", list(RESTORE_REFUSALS))
+def test_restore_refused(lab: qh.Lab, pki: PKI, snapshots: Any, version: str, case: str) -> None:
+    """qemu-restore exits 1 at once with one error line. QEMU's incoming side logs why and,
+    as QEMU does for a connection whose TLS fails, keeps waiting (it does not go ``failed``):
+    where our side refused, a restore with the right options then completes into it."""
+    qh.skip_unless_qemu(version)
+    qemu_side, our_side = RESTORE_REFUSALS[case]
+    snap = snapshots(version)
+    dest, port = tls_destination(lab, pki, version, **qemu_side)
+    ca = pki.other_ca if our_side.get("ca") else None
+    restore = start_restore(lab, pki, snap, port, ca=ca, hostname=our_side.get("hostname"))
+    assert restore.wait(PROMPT) == 1, restore.stderr()
+    line = one_error_line(restore, "qemu-restore")
+    if case == "qemu-trusts-another-ca":
+        # QEMU checks our certificate after the handshake and just closes: all we see
+        assert "ChannelClosed" in line and "peer gone" in line, line
+        wait_log(dest, "The certificate hasn't got a known issuer")
+    else:
+        assert "TLSError: main channel: TLS handshake failed: certificate verify failed: " in line
+        if case == "restore-trusts-another-ca":
+            assert "the server's certificate" in line and "wrong CA?" in line, line
+        else:
+            assert "Hostname mismatch" in line and "'wrong.example'" in line, line
+        wait_log(dest, "TLS handshake failed")
+    assert dest.query_migrate().get("status", "none") in ("none", "setup")
+    if case != "qemu-trusts-another-ca":
+        again = start_restore(lab, pki, snap, port)
+        assert again.wait(WAIT) == 0, again.stderr()
+        assert dest.wait_migration(WAIT)["status"] == "completed", dest.log_tail()
+
+
+def wait_log(q: qh.Qemu, text: str) -> None:
+    """Wait (bounded) until QEMU's log says ``text``."""
+    deadline = time.monotonic() + PROMPT
+    while text not in q.log_tail(100_000):
+        assert time.monotonic() < deadline, (text, q.log_tail())
+        time.sleep(0.05)
