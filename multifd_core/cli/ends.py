@@ -113,14 +113,14 @@ def tls_server_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 
 async def tls_listener(
-    args: argparse.Namespace, *, https_compatible: bool = False
+    args: argparse.Namespace, *, peer_is_qemu: bool = False
 ) -> Acceptor | TLSAcceptor:
     """recv, qemu-save: listen on --listen, with TLS when any --tls option is given (the
     options are checked and the certificates loaded before the port is bound).
-    ``https_compatible``: for QEMU sources, which close TLS channels without a close_notify
-    (see ``TLSAcceptor``)."""
+    ``peer_is_qemu``: QEMU closes its TLS channels without a close_notify, and closes them
+    without a word when it refuses this side's certificate (``TLSAcceptor``'s options)."""
     tls = tls_server_context(args)
     accept = await acceptor(args.listen)
     if tls is None:
         return accept
-    return tls_acceptor(accept, tls, https_compatible=https_compatible)
+    return tls_acceptor(accept, tls, https_compatible=peer_is_qemu, first_bytes=peer_is_qemu)

@@ -21,7 +21,7 @@ from .output import summary
 
 
 async def cmd_qemu_save(args: argparse.Namespace) -> dict[str, Any]:
-    async with await tls_listener(args, https_compatible=True) as accept:
+    async with await tls_listener(args, peer_is_qemu=True) as accept:
         write_ready_file(args, accept)
         options = destination_options(args, QEMU_SAVE_DEFAULTS)
         result = await qemu_save(accept, args.output, options)
