@@ -70,20 +70,26 @@ PROMPT = 10.0
 # --- certificates -------------------------------------------------------------------------
 
 
+#: Our certificates: name -> (the CA that issues it, its identities).
+LEAVES = {
+    "server": ("ca", ("localhost", "127.0.0.1")),
+    "client": ("ca", ("qemu.example",)),
+    "other-server": ("other", ("localhost", "127.0.0.1")),
+}
+
+
 @dataclass
 class PKI:
-    """Two CAs, each with a server certificate for localhost / 127.0.0.1; a client
-    certificate from the first. Files for our side, and QEMU ``dir``s made from them."""
+    """Two CAs, ``ca`` and ``other``, and the certificates of LEAVES, as files in ``root``."""
 
     root: Path
-    ca: Path
-    other_ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_server_cert: Path
-    other_server_key: Path
+
+    def pem(self, name: str) -> Path:
+        """A CA's certificate, or a leaf's certificate chain."""
+        return self.root / f"{name}.pem"
+
+    def key(self, name: str) -> Path:
+        return self.root / f"{name}.key"
 
     def qemu_dir(self, endpoint: str, *, other: bool = False, cert: bool = True) -> Path:
         """A ``tls-creds-x509`` dir for ``endpoint`` (client | server): the CA's (or the
@@ -94,43 +100,24 @@ class PKI:
         if d.exists():
             return d
         d.mkdir()
-        shutil.copyfile(self.other_ca if other else self.ca, d / "ca-cert.pem")
+        shutil.copyfile(self.pem("other" if other else "ca"), d / "ca-cert.pem")
         if cert:
-            pair = {
-                ("server", False): (self.server_cert, self.server_key),
-                ("server", True): (self.other_server_cert, self.other_server_key),
-                ("client", False): (self.client_cert, self.client_key),
-            }[endpoint, other]
-            shutil.copyfile(pair[0], d / f"{endpoint}-cert.pem")
-            shutil.copyfile(pair[1], d / f"{endpoint}-key.pem")
+            leaf = f"other-{endpoint}" if other else endpoint
+            shutil.copyfile(self.pem(leaf), d / f"{endpoint}-cert.pem")
+            shutil.copyfile(self.key(leaf), d / f"{endpoint}-key.pem")
         return d
-
-
-def _write_leaf(leaf: trustme.LeafCert, cert: Path, key: Path) -> None:
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(key))
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    d = tmp_path_factory.mktemp("pki")
-    ca, other = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    other.cert_pem.write_to_path(str(d / "other-ca.pem"))
-    p = PKI(
-        root=d,
-        ca=d / "ca.pem",
-        other_ca=d / "other-ca.pem",
-        server_cert=d / "server.pem",
-        server_key=d / "server.key",
-        client_cert=d / "client.pem",
-        client_key=d / "client.key",
-        other_server_cert=d / "other-server.pem",
-        other_server_key=d / "other-server.key",
-    )
-    _write_leaf(ca.issue_cert("localhost", "127.0.0.1"), p.server_cert, p.server_key)
-    _write_leaf(ca.issue_cert("qemu.example"), p.client_cert, p.client_key)
-    _write_leaf(other.issue_cert("localhost", "127.0.0.1"), p.other_server_cert, p.other_server_key)
+    p = PKI(tmp_path_factory.mktemp("pki"))
+    cas = {"ca": trustme.CA(), "other": trustme.CA()}
+    for name, ca in cas.items():
+        ca.cert_pem.write_to_path(str(p.pem(name)))
+    for name, (issuer, identities) in LEAVES.items():
+        leaf = cas[issuer].issue_cert(*identities)
+        p.pem(name).write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(p.key(name)))
     return p
 
 
@@ -139,9 +126,9 @@ def save_tls(pki: PKI, *, client_ca: Path | None) -> list[str]:
     certificate required, from that CA."""
     return [
         "--tls-cert",
-        os.fspath(pki.server_cert),
+        os.fspath(pki.pem("server")),
         "--tls-key",
-        os.fspath(pki.server_key),
+        os.fspath(pki.key("server")),
         *(["--tls-client-ca", os.fspath(client_ca)] if client_ca else []),
     ]
 
@@ -150,11 +137,11 @@ def restore_tls(pki: PKI, *, ca: Path | None = None, hostname: str | None = None
     """qemu-restore's TLS options: the CA to check QEMU with, our client certificate."""
     return [
         "--tls-ca",
-        os.fspath(ca or pki.ca),
+        os.fspath(ca or pki.pem("ca")),
         "--tls-cert",
-        os.fspath(pki.client_cert),
+        os.fspath(pki.pem("client")),
         "--tls-key",
-        os.fspath(pki.client_key),
+        os.fspath(pki.key("client")),
         *(["--tls-hostname", hostname] if hostname else []),
     ]
 
@@ -266,22 +253,11 @@ def wait_counters(q: qh.Qemu, tmp: Path, above: list[int] | None = None) -> list
         time.sleep(0.05)
 
 
-def one_error_line(proc: qh.MultifdProcess, command: str) -> str:
-    lines = proc.stderr().strip().splitlines()
-    assert len(lines) == 1, proc.stderr()
-    assert lines[0].startswith(f"multifd {command}: error: "), lines
-    return lines[0]
-
-
-def wait_qemu_status(q: qh.Qemu, statuses: tuple[str, ...]) -> dict[str, Any]:
-    """Poll query-migrate until its status is one of ``statuses`` (bounded)."""
-    deadline = time.monotonic() + PROMPT
-    while True:
-        info = q.query_migrate()
-        if info.get("status") in statuses:
-            return info
-        assert time.monotonic() < deadline, (info, q.log_tail())
-        time.sleep(0.05)
+def error_line(proc: qh.MultifdProcess, command: str) -> str:
+    """The command's stderr: exactly one line, its error."""
+    err = proc.stderr()
+    assert err.count("\n") == 1 and err.startswith(f"multifd {command}: error: "), err
+    return err.strip()
 
 
 # --- both ways ----------------------------------------------------------------------------
@@ -294,7 +270,7 @@ def test_capture_and_restore_over_tls(lab: qh.Lab, pki: PKI, version: str) -> No
     source = tls_source(lab, pki, version)
     before = wait_counters(source, lab.tmp)
     snap = lab.tmp / "snap"
-    save = start_save(lab, pki, snap, client_ca=pki.ca)
+    save = start_save(lab, pki, snap, client_ca=pki.pem("ca"))
     source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
     info = source.wait_migration(WAIT)
     assert info["status"] == "completed", (info, source.log_tail())
@@ -368,11 +344,11 @@ def test_capture_refused(lab: qh.Lab, pki: PKI, version: str, case: str) -> None
     qemu_side, our_side = CAPTURE_REFUSALS[case]
     source = tls_source(lab, pki, version, paused=True, **qemu_side)
     snap = lab.tmp / "snap"
-    client_ca = {"ca": pki.ca, "other": pki.other_ca, "none": None}[our_side]
+    client_ca = {"ca": pki.pem("ca"), "other": pki.pem("other"), "none": None}[our_side]
     save = start_save(lab, pki, snap, client_ca=client_ca)
     source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
     assert save.wait(PROMPT) == 1, save.stderr()
-    line = one_error_line(save, "qemu-save")
+    line = error_line(save, "qemu-save")
     info = source.wait_migration(PROMPT)
     assert info["status"] == "failed", info
     why = info.get("error-desc", "")
@@ -409,10 +385,10 @@ def test_restore_refused(lab: qh.Lab, pki: PKI, snapshots: Any, version: str, ca
     qemu_side, our_side = RESTORE_REFUSALS[case]
     snap = snapshots(version)
     dest, port = tls_destination(lab, pki, version, **qemu_side)
-    ca = pki.other_ca if our_side.get("ca") else None
+    ca = pki.pem("other") if our_side.get("ca") else None
     restore = start_restore(lab, pki, snap, port, ca=ca, hostname=our_side.get("hostname"))
     assert restore.wait(PROMPT) == 1, restore.stderr()
-    line = one_error_line(restore, "qemu-restore")
+    line = error_line(restore, "qemu-restore")
     if case == "qemu-trusts-another-ca":
         # QEMU checks our certificate after the handshake and just closes: all we see
         assert "ChannelClosed" in line and "peer gone" in line, line
