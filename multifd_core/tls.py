@@ -236,37 +236,60 @@ def stream_failure(exc: BaseException, stream: trio.SSLStream[Any]) -> str | Non
 # --- handshakes and closing ---------------------------------------------------------------
 
 
-class _OutgoingTap:
+class _BIOTap:
     """Stands in for an SSLContext while ``trio.SSLStream`` builds its SSLObject: passes
     ``wrap_bio`` (the public ``ssl`` API trio builds it with) on to the real context and keeps
-    the outgoing MemoryBIO it is given; every other attribute is the real context's."""
+    the MemoryBIOs it is given; every other attribute is the real context's."""
 
     def __init__(self, context: ssl.SSLContext) -> None:
         self.context = context
-        self.outgoing: ssl.MemoryBIO | None = None
+        self.bios: tuple[ssl.MemoryBIO, ssl.MemoryBIO] | None = None
 
     def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, **kw: Any) -> Any:
-        self.outgoing = outgoing
+        self.bios = incoming, outgoing
         return self.context.wrap_bio(incoming, outgoing, **kw)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.context, name)
 
 
+_BIOs = weakref.WeakKeyDictionary[trio.SSLStream[Any], ssl.MemoryBIO]
 #: The outgoing buffer of each TLS stream this module made (see ``_ssl_stream``).
-_OUTGOING: weakref.WeakKeyDictionary[trio.SSLStream[Any], ssl.MemoryBIO] = (
-    weakref.WeakKeyDictionary()
-)
+_OUTGOING: _BIOs = weakref.WeakKeyDictionary()
+#: The incoming buffer of each stream whose handshake waits for the peer's first bytes.
+_FIRST_BYTES: _BIOs = weakref.WeakKeyDictionary()
 
 
-def _ssl_stream(raw: trio.abc.Stream, context: ssl.SSLContext, **kw: Any) -> TLSStream:
+def _ssl_stream(
+    raw: trio.abc.Stream, context: ssl.SSLContext, *, first_bytes: bool = False, **kw: Any
+) -> TLSStream:
     """``trio.SSLStream(raw, context, **kw)``, remembering its outgoing buffer: when a handshake
-    fails, trio raises before sending the alert OpenSSL wrote there."""
-    tap = _OutgoingTap(context)
+    fails, trio raises before sending the alert OpenSSL wrote there. ``first_bytes``: see
+    ``TLSAcceptor``."""
+    tap = _BIOTap(context)
     stream = trio.SSLStream(raw, cast(ssl.SSLContext, tap), **kw)
-    if tap.outgoing is not None:
-        _OUTGOING[stream] = tap.outgoing
+    if tap.bios is not None:
+        _OUTGOING[stream] = tap.bios[1]
+        if first_bytes:
+            _FIRST_BYTES[stream] = tap.bios[0]
     return stream
+
+
+async def _await_first_bytes(stream: TLSStream, incoming: ssl.MemoryBIO) -> None:
+    """Wait until the client has sent more than its handshake: the next bytes from the
+    transport go into the incoming buffer, where the stream's next read finds them."""
+    if incoming.pending or stream.pending():
+        return
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        data = await stream.transport_stream.receive_some()
+        if data:
+            incoming.write(data)
+            return
+    raise TLSError(
+        "TLS handshake failed: the client closed the connection right after the handshake, "
+        "before its first message: it refused this side's certificate? (wrong CA or host name; "
+        "QEMU gives the reason in its query-migrate error-desc)"
+    )
 
 
 async def _send_pending_alert(stream: trio.SSLStream[Any]) -> None:
@@ -302,6 +325,9 @@ async def tls_handshake(stream: trio.SSLStream[Any], *, channel: int | None = No
         await _send_pending_alert(stream)
         reason = describe(exc, server_side=stream.server_side)
         raise TLSError(f"TLS handshake failed: {reason}", channel=channel) from exc
+    incoming = _FIRST_BYTES.pop(stream, None)
+    if incoming is not None:
+        await _await_first_bytes(stream, incoming)
 
 
 async def aclose_tls(stream: trio.SSLStream[Any]) -> None:
@@ -361,19 +387,32 @@ class TLSAcceptor:
     """Wraps an acceptor: ``await acceptor()`` returns the next connection as a TLS stream
     whose handshake has not run yet (the destination runs it in the connection's own task).
 
-    ``address``, ``port`` and ``aclose`` are those of the wrapped acceptor.
+    ``address``, ``port`` and ``aclose`` are those of the wrapped acceptor. Two options for
+    clients like QEMU's. ``https_compatible`` (trio's option): a client that closes without a
+    close_notify ends its stream as a plain end of file, and this side closes without one too
+    (QEMU 7.2 ends every TLS channel so; QEMU's own destination tolerates it and sends none).
+    No truncation goes unseen: the migration stream frames everything (packet headers, SYNCs,
+    QEMU_VM_EOF). ``first_bytes``: the handshake also waits for the client's first bytes, so
+    that a client that checks the certificate after the handshake and then just closes (QEMU)
+    fails it with a TLSError saying so, not as a channel closed before its first message.
     """
 
     def __init__(
-        self, accept: Callable[[], Awaitable[trio.abc.Stream]], context: ssl.SSLContext
+        self,
+        accept: Callable[[], Awaitable[trio.abc.Stream]],
+        context: ssl.SSLContext,
+        *,
+        https_compatible: bool = False,
+        first_bytes: bool = False,
     ) -> None:
         self.accept = accept
         self.context = context
+        self.options = {"https_compatible": https_compatible, "first_bytes": first_bytes}
 
     async def __call__(self) -> TLSStream:
         stream = await self.accept()
         try:
-            return _ssl_stream(stream, self.context, server_side=True)
+            return _ssl_stream(stream, self.context, server_side=True, **self.options)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
@@ -399,7 +438,12 @@ class TLSAcceptor:
 
 
 def tls_acceptor(
-    accept: Callable[[], Awaitable[trio.abc.Stream]], context: ssl.SSLContext
+    accept: Callable[[], Awaitable[trio.abc.Stream]],
+    context: ssl.SSLContext,
+    *,
+    https_compatible: bool = False,
+    first_bytes: bool = False,
 ) -> TLSAcceptor:
-    """Wrap ``accept`` (e.g. ``await open_tcp_acceptor(host, port)``) with TLS."""
-    return TLSAcceptor(accept, context)
+    """Wrap ``accept`` (e.g. ``await open_tcp_acceptor(host, port)``) with TLS (the options:
+    see :class:`TLSAcceptor`)."""
+    return TLSAcceptor(accept, context, https_compatible=https_compatible, first_bytes=first_bytes)

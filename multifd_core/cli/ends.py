@@ -11,7 +11,7 @@ from typing import Any
 from .. import load_methods
 from ..errors import ConfigError
 from ..options import DestinationOptions, SourceOptions
-from ..tls import TLSAcceptor, client_context, server_context, tls_connector
+from ..tls import TLSAcceptor, client_context, server_context, tls_acceptor, tls_connector
 from ..transport import (
     Acceptor,
     Connector,
@@ -83,7 +83,7 @@ def write_ready_file(args: argparse.Namespace, accept: Acceptor | TLSAcceptor) -
 
 
 def with_tls(args: argparse.Namespace, connect: Connector) -> Connector:
-    """send: ``connect`` wrapped in TLS when any --tls option is given."""
+    """send, qemu-restore: ``connect`` wrapped in TLS when any --tls option is given."""
     if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_hostname):
         return connect
     if args.tls_cert and not args.tls_key:
@@ -99,7 +99,7 @@ def with_tls(args: argparse.Namespace, connect: Connector) -> Connector:
 
 
 def tls_server_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    """recv: the server's TLS context when any --tls option is given."""
+    """recv, qemu-save: the server's TLS context when any --tls option is given."""
     if not (args.tls or args.tls_cert or args.tls_key or args.tls_client_ca):
         return None
     if not (args.tls_cert and args.tls_key):
@@ -110,3 +110,17 @@ def tls_server_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return server_context(
         cert_file=args.tls_cert, key_file=args.tls_key, client_ca_file=args.tls_client_ca
     )
+
+
+async def tls_listener(
+    args: argparse.Namespace, *, peer_is_qemu: bool = False
+) -> Acceptor | TLSAcceptor:
+    """recv, qemu-save: listen on --listen, with TLS when any --tls option is given (the
+    options are checked and the certificates loaded before the port is bound).
+    ``peer_is_qemu``: QEMU closes its TLS channels without a close_notify, and closes them
+    without a word when it refuses this side's certificate (``TLSAcceptor``'s options)."""
+    tls = tls_server_context(args)
+    accept = await acceptor(args.listen)
+    if tls is None:
+        return accept
+    return tls_acceptor(accept, tls, https_compatible=peer_is_qemu, first_bytes=peer_is_qemu)

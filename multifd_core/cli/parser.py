@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     _listening(p, timeout=QEMU_SAVE_DEFAULTS.connect_timeout, waits_for="QEMU")
+    _tls_options(p, server=True)
 
     p = sub.add_parser(
         "qemu-restore", help="be the source for a QEMU destination started with -incoming"
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="check every file's sha256 against the manifest first (default on)",
     )
+    _tls_options(p, server=False)
 
     p = sub.add_parser("plugins", help="list the installed compression methods")
     p.add_argument("--json", action="store_true")

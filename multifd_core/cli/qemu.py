@@ -9,12 +9,19 @@ from typing import Any
 
 from ..options import QEMU_SAVE_DEFAULTS
 from ..qemu import qemu_restore, qemu_save
-from .ends import acceptor, connector, destination_options, source_options, write_ready_file
+from .ends import (
+    connector,
+    destination_options,
+    source_options,
+    tls_listener,
+    with_tls,
+    write_ready_file,
+)
 from .output import summary
 
 
 async def cmd_qemu_save(args: argparse.Namespace) -> dict[str, Any]:
-    async with await acceptor(args.listen) as accept:
+    async with await tls_listener(args, peer_is_qemu=True) as accept:
         write_ready_file(args, accept)
         options = destination_options(args, QEMU_SAVE_DEFAULTS)
         result = await qemu_save(accept, args.output, options)
@@ -38,7 +45,7 @@ async def cmd_qemu_save(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_qemu_restore(args: argparse.Namespace) -> dict[str, Any]:
-    connect = connector(args.connect)
+    connect = with_tls(args, connector(args.connect))
     stats = await qemu_restore(args.directory, connect, source_options(args), verify=args.verify)
     if not args.json:
         print(summary("qemu-restore", stats))
