@@ -10,14 +10,11 @@ from .. import open_destination, open_source
 from ..errors import ConfigError
 from ..files import MANIFEST, FileBlock, ReceivedFiles, block_name_for, files_description
 from ..options import RECV_DEFAULTS
-from ..tls import TLSAcceptor, tls_acceptor
-from ..transport import Acceptor
 from .ends import (
-    acceptor,
     connector,
     destination_options,
     source_options,
-    tls_server_context,
+    tls_listener,
     with_tls,
     write_ready_file,
 )
@@ -54,10 +51,7 @@ async def cmd_recv(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     received = ReceivedFiles(out_dir)
-    tls = tls_server_context(args)
-    accept: Acceptor | TLSAcceptor = await acceptor(args.listen)
-    if tls is not None:
-        accept = tls_acceptor(accept, tls)
+    accept = await tls_listener(args)
     ok = False
     try:
         async with accept:
