@@ -1,4 +1,4 @@
-"""Helpers for the tests that drive a real QEMU 7.2 (``tests/test_qemu.py``).
+"""Helpers for the tests that drive a real QEMU 7.2 or 10.0 (``tests/test_qemu*.py``).
 
 Everything here is synchronous and bounded: every QMP read has a socket timeout, every wait has a
 deadline, and every process this harness starts (QEMU, ``multifd`` commands) is tracked by its
@@ -24,10 +24,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from multifd_core.image import vm_like_image
 
 QEMU_BINARY = "qemu-system-x86_64"
 #: The QEMUs these tests drive, by version: Debian 12's 7.2 on PATH, and Debian 13's 10.0 from
@@ -43,6 +46,28 @@ PATTERN_ADDR = 0x100000
 LEGACY_HOLE = (0xA0000, 0x100000)
 PAGE = 4096
 FINAL_STATES = ("completed", "failed", "cancelled")
+#: The pattern a source gets in its RAM at PATTERN_ADDR (``pattern_loader``).
+PATTERN_SIZE = 4 << 20
+RAM_SIZE = 64 << 20
+
+
+@cache
+def pattern() -> bytes:
+    """4 MiB of zero, random, text, repeated and single-byte pages; non-zero pages all unique."""
+    return bytes(vm_like_image(PATTERN_SIZE, seed=7))
+
+
+def pattern_file(tmp: Path) -> Path:
+    path = tmp / "pattern.bin"
+    if not path.exists():
+        path.write_bytes(pattern())
+    return path
+
+
+def pattern_loader(tmp: Path) -> tuple[str, str]:
+    """QEMU arguments that load :func:`pattern` at PATTERN_ADDR of the guest's RAM."""
+    return ("-device", f"loader,file={pattern_file(tmp)},addr={PATTERN_ADDR:#x},force-raw=on")
+
 
 # A 512-byte boot sector: a 16-bit real-mode guest that keeps writing memory, forever.
 # For each segment s = 0x1000, 0x1100, ..., 0x8f00 (the 4 KiB pages from 64 KiB up to 576 KiB)

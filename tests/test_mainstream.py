@@ -822,7 +822,8 @@ CASES: list[tuple[str, bytes, type[MultiFDError], str]] = [
     ("full section before ram end", PRE + b"\x04" + be32(3), MainStreamError, "SECTION_FULL"),
     ("second start", PRE + start(), MainStreamError, "SECTION_START"),
     ("eof before ram end", PRE + part() + eos() + b"\x00", MainStreamError, "EOF"),
-    ("command mid-ram", PRE + b"\x08", MainStreamError, "COMMAND"),
+    # a QEMU_VM_COMMAND between RAM sections: only MIG_CMD_SWITCHOVER_START is read there
+    ("command mid-ram", PRE + b"\x08\0\x01\0\0", MainStreamError, "COMMAND"),
     ("after eof", PRE + end() + eos() + b"\x00\x04", MainStreamError, "after QEMU_VM_EOF"),
     (
         "after vmdesc",

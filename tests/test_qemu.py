@@ -19,7 +19,6 @@ import sys
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +39,11 @@ QEMU_TESTS = True
 if not qh.qemu_available():
     pytest.skip(f"{qh.QEMU_BINARY} is not installed", allow_module_level=True)
 
-PATTERN_SIZE = 4 << 20
-RAM_SIZE = 64 << 20
+PATTERN_SIZE = qh.PATTERN_SIZE
+RAM_SIZE = qh.RAM_SIZE
 MACHINE_TYPE = "pc-q35-7.2"
 METHODS = ("none", "zlib", "zstd")
-
-
-@cache
-def pattern() -> bytes:
-    """4 MiB of zero, random, text, repeated and single-byte pages; non-zero pages all unique."""
-    return bytes(vm_like_image(PATTERN_SIZE, seed=7))
+pattern = qh.pattern
 
 
 @pytest.fixture
@@ -58,17 +52,12 @@ def lab(tmp_path: Path) -> Iterator[qh.Lab]:
         yield the_lab
 
 
-def pattern_file(tmp: Path) -> Path:
-    path = tmp / "pattern.bin"
-    if not path.exists():
-        path.write_bytes(pattern())
-    return path
-
-
-def start_pattern_source(lab: qh.Lab, *, uuid: str | None = None, name: str = "src") -> qh.Qemu:
+def start_pattern_source(
+    lab: qh.Lab, *, uuid: str | None = None, name: str = "src", version: str = "7.2"
+) -> qh.Qemu:
     """A paused QEMU with the pattern at 1 MiB of its RAM."""
-    loader = f"loader,file={pattern_file(lab.tmp)},addr={qh.PATTERN_ADDR:#x},force-raw=on"
-    return lab.qemu(name, "-device", loader, *(["-uuid", uuid] if uuid else []))
+    loader = qh.pattern_loader(lab.tmp)
+    return lab.qemu(name, *loader, *(["-uuid", uuid] if uuid else []), version=version)
 
 
 def migrate_to(source: qh.Qemu, port: int) -> None:
