@@ -272,73 +272,14 @@ def test_restore(lab: qh.Lab, saved: tuple[int, str], restored: tuple[int, str])
 # --- 3. a guest that keeps writing ----------------------------------------------------------
 
 
-def wait_counters_running(q: qh.Qemu, tmp: Path, timeout: float = 20.0) -> list[int]:
-    """Wait until every page counter of the boot-sector guest is non-zero."""
-    deadline = time.monotonic() + timeout
-    size = qh.COUNTER_PAGES * qh.PAGE
-    while True:
-        mem = q.pmemsave(qh.COUNTER_FIRST_PAGE, size, tmp / f"{q.name}-counters.mem")
-        counters = qh.read_counters(mem, qh.COUNTER_FIRST_PAGE)
-        if all(counters):
-            return counters
-        assert time.monotonic() < deadline, f"{q.name}: the guest does not run: {q.log_tail()}"
-        time.sleep(0.05)
-
-
-def check_counters(counters: list[int]) -> None:
-    """A consistent instant of the guest: page i holds (16 + i) * p, p or p + 1 passes."""
-    assert all(counters), "a page counter is zero"
-    assert len(set(counters)) == len(counters), "page counters repeat"
-    passes = []
-    for i, value in enumerate(counters):
-        step = 16 + i
-        assert value % step == 0, f"page {i}: {value} is not a multiple of {step}"
-        passes.append(value // step)
-    assert max(passes) - min(passes) <= 1, passes
-    assert passes == sorted(passes, reverse=True), "the pass front is not contiguous"
+wait_counters_running = qh.wait_counters_running
+check_counters = qh.check_counters
 
 
 @pytest.mark.parametrize("method", ["none", "zstd"])
 def test_live_guest(lab: qh.Lab, method: str) -> None:
-    disk = qh.boot_disk(lab.tmp / "boot.img")
-    drive = ("-drive", f"file={disk},format=raw,if=ide", "-boot", "c")
-    source = lab.qemu("src", *drive, paused=False)
-    before = wait_counters_running(source, lab.tmp)
-    time.sleep(1.0)  # let it run
-
-    # Slow enough, and with a downtime limit small enough, that the 128 pages the guest keeps
-    # dirtying never fit: QEMU goes round after round until the limit is raised below.
-    source.set_multifd(2, method, **{"max-bandwidth": 4 << 20, "downtime-limit": 1})
-    snap = lab.tmp / "snap"
-    save = lab.qemu_save(snap, channels=2, method=method)
-    assert save.port is not None
-    migrate_to(source, save.port)
-    deadline = time.monotonic() + 30
-    while True:
-        info = source.query_migrate()
-        assert info.get("status") in ("setup", "active"), (info, save.stderr())
-        if info.get("ram", {}).get("dirty-sync-count", 0) >= 4:
-            break
-        assert time.monotonic() < deadline, f"no sync rounds: {info}"
-        time.sleep(0.05)
-    source.cmd("migrate-set-parameters", **{"downtime-limit": 10_000})
-    info = source.wait_migration(60)
-    assert info["status"] == "completed", (info, source.log_tail())
-    assert save.wait(60) == 0, save.stderr()
-    out = save.json()
-    assert source.cmd("query-status")["status"] == "postmigrate"
-
-    assert info["ram"]["dirty-sync-count"] >= 3
-    assert out["ram"]["dirty-sync-count"] >= 3
-    # the counter pages went more than once: the first round and at least one re-send
-    assert out["ram"]["normal"] >= info["ram"]["normal"] >= 2 * qh.COUNTER_PAGES
-
-    final = source.pmemsave(0, RAM_SIZE, lab.tmp / "src.mem")
-    image = qh.block_image(snap, "pc.ram")
-    assert qh.outside_legacy_hole(image, final), qh.first_difference(image, final)
-    counters = qh.read_counters(image)
-    check_counters(counters)
-    assert all(c > b for c, b in zip(counters, before, strict=True)), "the guest did not run"
+    live = qh.live_capture(lab, method)
+    disk, snap, counters = live.disk, live.snap, live.counters
 
     # The snapshot resumes: a destination that is not paused carries on counting from it.
     disk2 = lab.tmp / "boot-dst.img"
