@@ -65,14 +65,14 @@ def migrate_to(source: qh.Qemu, port: int) -> None:
 
 
 def capture(
-    lab: qh.Lab, channels: int, method: str, *, uuid: str | None = None
+    lab: qh.Lab, channels: int, method: str, *, uuid: str | None = None, version: str = "7.2"
 ) -> tuple[qh.Qemu, Path, dict[str, Any], dict[str, Any]]:
     """Migrate a pattern source into ``multifd qemu-save``; both ends must succeed.
 
     Returns the source (now in postmigrate), the snapshot directory, qemu-save's JSON and the
     source's final query-migrate.
     """
-    source = start_pattern_source(lab, uuid=uuid)
+    source = start_pattern_source(lab, uuid=uuid, version=version)
     source.set_multifd(channels, method)
     snap = lab.tmp / f"snap-{channels}-{method}"
     save = lab.qemu_save(snap, channels=channels, method=method, uuid=uuid)
@@ -216,15 +216,18 @@ def test_capture(lab: qh.Lab, method: str, channels: int) -> None:
     assert qh.outside_legacy_hole(image, whole), qh.first_difference(image, whole)
 
 
-def test_capture_bigger_than_the_socket_buffers(lab: qh.Lab) -> None:
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_capture_bigger_than_the_socket_buffers(lab: qh.Lab, version: str) -> None:
     """A round of pages far larger than the channels' socket buffers (regression: QEMU flushes
     the main stream after the EOS but not the section footer, so a destination that waits for the
-    footer before releasing its channels deadlocks with a source blocked on them)."""
+    footer before releasing its channels deadlocks with a source blocked on them). QEMU 10.0's
+    default machine syncs at MULTIFD_FLUSH records instead, flushed at once."""
+    qh.skip_unless_qemu(version)
     big = bytes(vm_like_image(32 << 20, seed=8))
     path = lab.tmp / "big.bin"
     path.write_bytes(big)
     loader = f"loader,file={path},addr={qh.PATTERN_ADDR:#x},force-raw=on"
-    source = lab.qemu("src", "-device", loader)
+    source = lab.qemu("src", "-device", loader, version=version)
     source.set_multifd(2, "none")
     snap = lab.tmp / "snap"
     save = lab.qemu_save(snap, channels=2, method="none")
@@ -312,6 +315,7 @@ def failing_save(
     save_method: str,
     source_uuid: str | None = None,
     save_uuid: str | None = None,
+    version: str = "7.2",
 ) -> qh.MultifdProcess:
     """A misconfigured capture: qemu-save must fail within seconds and leave no snapshot.
 
@@ -319,7 +323,8 @@ def failing_save(
     gets nothing back from its destination, and this small migration fits in the socket buffers
     before qemu-save has closed them.
     """
-    source = start_pattern_source(lab, uuid=source_uuid)
+    qh.skip_unless_qemu(version)
+    source = start_pattern_source(lab, uuid=source_uuid, version=version)
     source.set_multifd(source_channels, source_method)
     snap = lab.tmp / "snap"
     save = lab.qemu_save(snap, channels=save_channels, method=save_method, uuid=save_uuid)
@@ -342,10 +347,12 @@ def failing_save(
     return save
 
 
-def test_uuid_mismatch(lab: qh.Lab) -> None:
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_uuid_mismatch(lab: qh.Lab, version: str) -> None:
     theirs, ours = str(uuidlib.uuid4()), str(uuidlib.uuid4())
     save = failing_save(
         lab,
+        version=version,
         source_channels=2,
         source_method="none",
         save_channels=2,
@@ -358,26 +365,48 @@ def test_uuid_mismatch(lab: qh.Lab) -> None:
     assert theirs.replace("-", "") in err.replace("-", ""), err
 
 
-def test_compression_mismatch(lab: qh.Lab) -> None:
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_compression_mismatch(lab: qh.Lab, version: str) -> None:
     save = failing_save(
-        lab, source_channels=2, source_method="zstd", save_channels=2, save_method="zlib"
+        lab,
+        source_channels=2,
+        source_method="zstd",
+        save_channels=2,
+        save_method="zlib",
+        version=version,
     )
     assert "CompressionMismatch" in save.stderr()
 
 
-def test_channel_count_mismatch(lab: qh.Lab) -> None:
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_channel_count_mismatch(lab: qh.Lab, version: str) -> None:
     """QEMU with 4 channels, qemu-save with 2: channels 2 and 3 must fail the capture."""
     save = failing_save(
-        lab, source_channels=4, source_method="none", save_channels=2, save_method="none"
+        lab,
+        source_channels=4,
+        source_method="none",
+        save_channels=2,
+        save_method="none",
+        version=version,
     )
     err = save.stderr()
     assert "BadChannelId" in err and "outside 0..1" in err, err
 
 
-def test_manifest_of_a_source_without_uuid(lab: qh.Lab) -> None:
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_manifest_of_a_source_without_uuid(lab: qh.Lab, version: str) -> None:
     """Without -uuid QEMU's uuid is all zero; the manifest is plain JSON."""
-    _, snap, _, _ = capture(lab, 1, "none")
+    qh.skip_unless_qemu(version)
+    _, snap, _, _ = capture(lab, 1, "none", version=version)
     manifest = json.loads((snap / "manifest.json").read_text())
     assert manifest["format"] == "multifd-qemu-save/1"
     assert manifest["stats"]["status"] == "completed"
     assert manifest["uuid"] == str(uuidlib.UUID(int=0))
+    # the dialect QEMU spoke: 7.2 syncs at each EOS and sends zero records; 10.0's own machine
+    # type syncs at MULTIFD_FLUSH, lists zero pages in packets, announces the switchover
+    new = version != "7.2"
+    assert manifest["stream"] == {
+        "qemu-flush": "per-round" if new else "per-section",
+        "zero-pages": "packets" if new else "records",
+        "commands": ["MIG_CMD_SWITCHOVER_START"] if new else [],
+    }
