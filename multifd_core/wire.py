@@ -1,7 +1,9 @@
 """Sans-I/O codec for the multifd channels: MultiFDInit_t and MultiFDPacket_t.
 
-Byte-compatible with QEMU 7.2 (../shared/WIRE.md): big-endian, packed. No I/O, no trio: bytes in,
-objects out, and back. Every validation rule for the multifd channels lives here once.
+Byte-compatible with QEMU 7.2 (../shared/WIRE.md), and reads what QEMU 9.x/10.x added (the
+``zero_pages`` field, the 5-bit compression field: docs/qemu-versions.md): big-endian, packed.
+No I/O, no trio: bytes in, objects out, and back. Every validation rule for the multifd channels
+lives here once.
 """
 
 from __future__ import annotations
