@@ -11,7 +11,8 @@ dialect it saw.
 The matrix (3 methods x 1, 2, 4, 8 channels x 3 zero-page detections x 4 machine types, 144
 combinations) is covered pairwise: every pair of values of any two factors in at least one of the
 16 cases of :data:`PAIRWISE`. Each case costs one 64 MiB TCG guest migrated while paused: about
-1 s (0.8-1.4 s measured, 17 s for the 16); each live guest 2.5-4.5 s.
+1 s (0.8-1.4 s measured, 17 s for the 16); each live guest 2.5-4.5 s; the three machine types
+checked for QEMU's per-machine defaults about 1 s each.
 """
 
 from __future__ import annotations
@@ -144,3 +145,29 @@ def test_live_guest(lab: qh.Lab, machine: str, method: str, detection: str) -> N
     # per-round: one barrier per pass over the dirty pages; QEMU counts a bitmap sync per pass
     # and one at setup, which is not a round here
     assert live.out["ram"]["dirty-sync-count"] >= 3
+
+
+@pytest.mark.parametrize(
+    ("machine", "stream"),
+    [
+        ("pc-q35-8.0", {"qemu-flush": "per-section", "zero-pages": "records", "commands": []}),
+        ("pc-q35-8.2", {"qemu-flush": "per-round", "zero-pages": "records", "commands": []}),
+        ("pc-q35-9.2", {"qemu-flush": "per-round", "zero-pages": "packets", "commands": []}),
+    ],
+)
+def test_machine_type_defaults(lab: qh.Lab, machine: str, stream: dict[str, object]) -> None:
+    """The dialect QEMU 10.0 picks by machine type alone (docs/qemu-versions.md: hw_compat_8_0
+    keeps the per-section sync, hw_compat_8_2 legacy zero pages, hw_compat_9_2 no
+    SWITCHOVER_START), each captured whole. About 1 s each."""
+    source = lab.qemu("src", "-machine", machine, *qh.pattern_loader(lab.tmp), version="10.0")
+    source.set_multifd(2, "none")
+    snap = lab.tmp / "snap"
+    save = lab.qemu_save(snap, channels=2, method="none")
+    assert save.port is not None
+    source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
+    assert source.wait_migration(60)["status"] == "completed", source.log_tail()
+    assert save.wait(60) == 0, save.stderr()
+    assert load_manifest(snap)["stream"] == stream
+    image = qh.block_image(snap, "pc.ram")
+    whole = source.pmemsave(0, qh.RAM_SIZE, lab.tmp / "src.mem")
+    assert qh.outside_legacy_hole(image, whole), qh.first_difference(image, whole)
