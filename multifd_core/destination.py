@@ -75,6 +75,7 @@ class Destination:
             max_pages=pages_per_packet(self.page_size),
             compression=self.method.value,
             payload_size=self.method.payload_size,
+            zero_pages_field=options.zero_page_packets,
         )
         self.state = MultiFDRecvState(self.num_channels, self.rules, self.stats)
         self.handshakes = Handshake(self.num_channels, options.uuid_bytes)
@@ -86,6 +87,11 @@ class Destination:
         self.device_state: list[bytes] = []
         self.ram_section_id: int | None = None
         self.vmdesc: bytes | None = None
+        #: where the source synced its channels (ms.QEMU_FLUSH_*), once its setup told
+        self.flush: str | None = None
+        #: the QEMU_VM_COMMANDs of the main stream, in order (ms.MIG_CMD_NAMES)
+        self.commands: list[int] = []
+        self.zero_records = 0  # zero pages that came as main-stream records (not in packets)
         self.done = trio.Event()
         self._watching = trio.CancelScope()
         self._accepting = trio.CancelScope()
@@ -95,6 +101,7 @@ class Destination:
             ms.ZeroPages: self._on_zero_pages,
             ms.ZeroPage: self._on_zero_page,
             ms.RoundEnd: self._on_round_end,
+            ms.Command: self._on_command,
             ms.Page: self._on_page,
             ms.RamBlocks: self._on_ram_blocks,
             ms.Configuration: self._on_configuration,
@@ -203,6 +210,7 @@ class Destination:
                 else:
                     parser.feed_eof()
             elif isinstance(ev, ms.ConnectionEnd):
+                self.flush = parser.flush
                 break
             else:
                 handler = self._on_event.get(type(ev))
@@ -215,15 +223,20 @@ class Destination:
     def _on_zero_pages(self, ev: ms.ZeroPages) -> None:
         landing.fill_pages(self.blocks[ev.block], ev.offsets, ev.fills)
         self.stats.add_zero_pages(len(ev.offsets))
+        self.zero_records += len(ev.offsets)
 
     def _on_zero_page(self, ev: ms.ZeroPage) -> None:
         landing.fill_page(self.blocks[ev.block], ev.offset, ev.fill)
         self.stats.add_zero_pages(1)
+        self.zero_records += 1
 
     async def _on_round_end(self, ev: ms.RoundEnd) -> None:
         await self.state.recv_sync_main()
         if ev.kind != ms.QEMU_VM_SECTION_START:  # the setup's sync is not a round
             self.stats.round_done()
+
+    def _on_command(self, ev: ms.Command) -> None:
+        self.commands.append(ev.command)
 
     def _on_page(self, ev: ms.Page) -> None:
         landing.put_page(self.blocks[ev.block], ev.offset, ev.data)

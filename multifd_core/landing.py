@@ -7,7 +7,8 @@ Four ways in:
 - for a block with a file, a packet's pages gathered in the channel's bounce buffer and written
   with pwrite (on the event loop while the page cache takes them fast, in a worker thread once
   the file system throttles);
-- zero records of the main stream, filling pages (``fill_page`` / ``fill_pages``);
+- zero records of the main stream, filling pages (``fill_page`` / ``fill_pages``), and the zero
+  pages of a packet (QEMU 9's ``zero-page-detection=multifd``: ``zero_fill``, batched);
 - whole pages carried in the main stream (``put_page``).
 
 The bookkeeping: a block made ``known_zero`` tracks which pages were written (``RAMBlock.written``)
@@ -100,6 +101,14 @@ def fill_pages(block: RAMBlock, offsets: np.ndarray[Any, Any], fills: np.ndarray
         words[chunk[nonzero_rows(words[chunk])]] = 0
 
 
+def zero_fill(block: RAMBlock, offsets: Sequence[int]) -> None:
+    """Zero the pages at ``offsets`` (valid page offsets of the block), as ``fill_pages`` does:
+    QEMU's multifd_recv_zero_page_process, for the zero pages a packet lists."""
+    fill_pages(
+        block, np.fromiter(offsets, np.uint64, len(offsets)), np.zeros(len(offsets), np.uint8)
+    )
+
+
 def put_page(block: RAMBlock, offset: int, data: bytes) -> None:
     """A whole page carried in the main stream."""
     block.host[offset : offset + block.page_size] = data
@@ -161,8 +170,8 @@ class PacketLanding:
             else:
                 await self.io.receive_into_views(self._targets(block, spans), what)
             mark_written(block, packet.normal_offsets)  # only now: the module's rule
-        for off in packet.zero_offsets:
-            fill_page(block, off)
+        if packet.zero_pages:
+            zero_fill(block, packet.zero_offsets)
 
     async def _decode(
         self, block: RAMBlock, packet: MultiFDPacket, spans: Spans, what: str
@@ -230,4 +239,5 @@ __all__ = [
     "mark_written",
     "put_page",
     "write_spans",
+    "zero_fill",
 ]

@@ -124,6 +124,10 @@ class DestinationOptions(EndOptions):
     max_blocks: int = 4096
     #: bytes of RAM the source may announce (None: no limit).
     max_total_bytes: int | None = DEFAULT_MAX_TOTAL_BYTES
+    #: read QEMU 9's ``zero_pages`` field (bytes 32..35 of a packet) and zero those pages
+    #: (``zero-page-detection=multifd``); False: the bytes are 7.2's unused[], not read.
+    #: QEMU 7.2 sends zeros there, so ``qemu_save`` always reads it.
+    zero_page_packets: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,10 +1,11 @@
 """Snapshots of a QEMU guest's memory at multifd speed: capture a live migration, replay it.
 
-``qemu_save`` is the destination of a QEMU 7.2 source migrating with the multifd capability: it
-rebuilds every RAM block into an image file, keeps the rest of the main stream after the RAM
-section (device state) byte for byte, and writes a manifest. ``qemu_restore`` is a QEMU 7.2 source
-for a QEMU destination started with ``-incoming``: the saved blocks go over N multifd channels
-(any count and method the destination is set to), then the saved device state.
+``qemu_save`` is the destination of a QEMU source (7.2, 8.x-10.x: docs/qemu-versions.md)
+migrating with the multifd capability: it rebuilds every RAM block into an image file, keeps the
+rest of the main stream after the RAM section (device state) byte for byte, and writes a
+manifest, with the dialect the source spoke under ``"stream"``. ``qemu_restore`` is a QEMU 7.2
+source for a QEMU destination started with ``-incoming``: the saved blocks go over N multifd
+channels (any count and method the destination is set to), then the saved device state.
 
 Directory layout::
 
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .destination import Accept, open_destination
+from . import mainstream as ms
+from .destination import Accept, Destination, open_destination
 from .errors import ConfigError, MultiFDError
 from .files import FileBlock
 from .options import QEMU_SAVE_DEFAULTS, DestinationOptions, SourceOptions
@@ -79,7 +81,9 @@ async def qemu_save(
 
     ``options`` default to :data:`QEMU_SAVE_DEFAULTS` (a destination that waits for a person
     to start QEMU's migration); keywords change single fields."""
+    # every QEMU writes zero_pages (bytes 32..35 of a packet), 7.2 as zeros (its unused[])
     opts = DestinationOptions.build(options or QEMU_SAVE_DEFAULTS, **changes)
+    opts = DestinationOptions.build(opts, zero_page_packets=True)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     made: list[tuple[str, RAMBlock, Path]] = []
@@ -119,6 +123,7 @@ async def qemu_save(
             "page-size": dst.page_size,
             "ram-section-id": dst.ram_section_id,
             "configuration": _jsonable(dst.configuration.subsections if dst.configuration else {}),
+            "stream": stream_dialect(dst, stats),
             "blocks": blocks,
             "device-state": {
                 "file": DEVICE_STATE,
@@ -139,6 +144,25 @@ async def qemu_save(
                         pass
                 part.unlink(missing_ok=True)
     return SaveResult(out, stats, manifest)
+
+
+def stream_dialect(dst: Destination, stats: MigrationStats) -> dict[str, Any]:
+    """The manifest's ``"stream"``: how the source spoke, as observed (docs/qemu-versions.md).
+
+    ``qemu-flush``: "per-section" (a sync at every EOS: QEMU 7.2, machine types up to 8.0) or
+    "per-round" (at MULTIFD_FLUSH records: machine types 8.1+). ``zero-pages``: "packets"
+    (listed in multifd packets: zero-page-detection=multifd), "records" (main-stream zero
+    records: legacy, QEMU 7.2), "packets+records" (both), "none" (no zero page came apart:
+    zero-page-detection=none sends them as normal pages). ``commands``: the QEMU_VM_COMMANDs
+    between the RAM sections (QEMU 10.0's MIG_CMD_SWITCHOVER_START with machine types 10.0+).
+    """
+    in_packets = stats.zero_pages - dst.zero_records
+    zero = [kind for kind, n in (("packets", in_packets), ("records", dst.zero_records)) if n]
+    return {
+        "qemu-flush": dst.flush,
+        "zero-pages": "+".join(zero) or "none",
+        "commands": [ms.MIG_CMD_NAMES.get(c, str(c)) for c in dst.commands],
+    }
 
 
 def _jsonable(subsections: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Sans-I/O codec for the multifd channels: MultiFDInit_t and MultiFDPacket_t.
 
-Byte-compatible with QEMU 7.2 (../shared/WIRE.md): big-endian, packed. No I/O, no trio: bytes in,
-objects out, and back. Every validation rule for the multifd channels lives here once.
+Byte-compatible with QEMU 7.2 (../shared/WIRE.md), and reads what QEMU 9.x/10.x added (the
+``zero_pages`` field, the 5-bit compression field: docs/qemu-versions.md): big-endian, packed.
+No I/O, no trio: bytes in, objects out, and back. Every validation rule for the multifd channels
+lives here once.
 """
 
 from __future__ import annotations
@@ -35,11 +37,26 @@ MULTIFD_VERSION = 1
 MULTIFD_MAGIC_BYTES = MULTIFD_MAGIC.to_bytes(4, "big")
 
 MULTIFD_FLAG_SYNC = 1 << 0
-MULTIFD_FLAG_COMPRESSION_MASK = 7 << 1
+#: The compression field: 3 bits in QEMU 7.2, 5 bits of one-hot values since QEMU 9.x
+#: (migration/multifd.h). Methods here are keyed 0..7 (the 7.2 field); a value above 7 (uadk,
+#: qatzip) is refused as a flag no method here can have.
+MULTIFD_FLAG_COMPRESSION_MASK = 0x1F << 1
 MULTIFD_FLAG_NOCOMP = 0 << 1
 MULTIFD_FLAG_ZLIB = 1 << 1
 MULTIFD_FLAG_ZSTD = 2 << 1
-MULTIFD_KNOWN_FLAGS = MULTIFD_FLAG_SYNC | MULTIFD_FLAG_COMPRESSION_MASK
+MULTIFD_FLAG_QPL = 4 << 1  # QEMU 9.1+
+MULTIFD_FLAG_UADK = 8 << 1  # QEMU 9.1+
+MULTIFD_FLAG_QATZIP = 16 << 1  # QEMU 9.2+
+#: QEMU 10.0: a device-state packet (VFIO's multifd device state), another header layout.
+MULTIFD_FLAG_DEVICE_STATE = 32 << 1
+#: The flags of a packet this side reads: SYNC and a 7.2 compression value.
+MULTIFD_KNOWN_FLAGS = MULTIFD_FLAG_SYNC | 7 << 1
+#: QEMU's names of the compression bits beyond the 7.2 field, for refusals.
+_LATER_FLAG_NAMES = {
+    MULTIFD_FLAG_UADK: "compression uadk (QEMU 9.1+)",
+    MULTIFD_FLAG_QATZIP: "compression qatzip (QEMU 9.2+)",
+    MULTIFD_FLAG_DEVICE_STATE: "MULTIFD_FLAG_DEVICE_STATE: a device-state packet (QEMU 10 VFIO)",
+}
 
 #: Bytes of page data a packet carries at most (QEMU's MULTIFD_PACKET_SIZE).
 MULTIFD_PACKET_SIZE = 512 * 1024
@@ -67,7 +84,7 @@ def compression_flags(value: int) -> int:
 
 
 def compression_value(flags: int) -> int:
-    """The compression method value (0..7) held in ``flags``."""
+    """The compression method value held in ``flags`` (0..31: QEMU 9's 5-bit field)."""
     return (flags & MULTIFD_FLAG_COMPRESSION_MASK) >> 1
 
 
@@ -264,7 +281,10 @@ def _refuse_head(magic: int, version: int, flags: int) -> NoReturn:
         raise BadMagic(f"packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}")
     if version != MULTIFD_VERSION:
         raise BadVersion(f"packet version {version}, expected {MULTIFD_VERSION}")
-    raise BadFlags(f"unknown flag bits {flags & ~MULTIFD_KNOWN_FLAGS:#x} in flags {flags:#x}")
+    unknown = flags & ~MULTIFD_KNOWN_FLAGS
+    named = [name for bit, name in _LATER_FLAG_NAMES.items() if unknown & bit]
+    why = f" ({'; '.join(named)}): not supported" if named else ""
+    raise BadFlags(f"unknown flag bits {unknown:#x} in flags {flags:#x}{why}")
 
 
 def _refuse_page_counts(normal_pages: int, zero_pages: int, pages_alloc: int) -> NoReturn:

@@ -1,4 +1,4 @@
-"""Helpers for the tests that drive a real QEMU 7.2 (``tests/test_qemu.py``).
+"""Helpers for the tests that drive a real QEMU 7.2 or 10.0 (``tests/test_qemu*.py``).
 
 Everything here is synchronous and bounded: every QMP read has a socket timeout, every wait has a
 deadline, and every process this harness starts (QEMU, ``multifd`` commands) is tracked by its
@@ -24,10 +24,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from multifd_core.image import vm_like_image
 
 QEMU_BINARY = "qemu-system-x86_64"
 #: The QEMUs these tests drive, by version: Debian 12's 7.2 on PATH, and Debian 13's 10.0 from
@@ -43,6 +47,28 @@ PATTERN_ADDR = 0x100000
 LEGACY_HOLE = (0xA0000, 0x100000)
 PAGE = 4096
 FINAL_STATES = ("completed", "failed", "cancelled")
+#: The pattern a source gets in its RAM at PATTERN_ADDR (``pattern_loader``).
+PATTERN_SIZE = 4 << 20
+RAM_SIZE = 64 << 20
+
+
+@cache
+def pattern() -> bytes:
+    """4 MiB of zero, random, text, repeated and single-byte pages; non-zero pages all unique."""
+    return bytes(vm_like_image(PATTERN_SIZE, seed=7))
+
+
+def pattern_file(tmp: Path) -> Path:
+    path = tmp / "pattern.bin"
+    if not path.exists():
+        path.write_bytes(pattern())
+    return path
+
+
+def pattern_loader(tmp: Path) -> tuple[str, str]:
+    """QEMU arguments that load :func:`pattern` at PATTERN_ADDR of the guest's RAM."""
+    return ("-device", f"loader,file={pattern_file(tmp)},addr={PATTERN_ADDR:#x},force-raw=on")
+
 
 # A 512-byte boot sector: a 16-bit real-mode guest that keeps writing memory, forever.
 # For each segment s = 0x1000, 0x1100, ..., 0x8f00 (the 4 KiB pages from 64 KiB up to 576 KiB)
@@ -109,6 +135,32 @@ def skip_unless_qemu(version: str) -> None:
     if not qemu_available(version):
         where = QEMU_BINARY if version == "7.2" else f"${QEMU10_ENV} (.ci/qemu10-root.sh)"
         pytest.skip(f"QEMU {version} is not installed ({where})")
+
+
+def wait_counters_running(q: Qemu, tmp: Path, timeout: float = 20.0) -> list[int]:
+    """Wait until every page counter of the boot-sector guest is non-zero."""
+    deadline = time.monotonic() + timeout
+    size = COUNTER_PAGES * PAGE
+    while True:
+        mem = q.pmemsave(COUNTER_FIRST_PAGE, size, tmp / f"{q.name}-counters.mem")
+        counters = read_counters(mem, COUNTER_FIRST_PAGE)
+        if all(counters):
+            return counters
+        assert time.monotonic() < deadline, f"{q.name}: the guest does not run: {q.log_tail()}"
+        time.sleep(0.05)
+
+
+def check_counters(counters: list[int]) -> None:
+    """A consistent instant of the guest: page i holds (16 + i) * p, p or p + 1 passes."""
+    assert all(counters), "a page counter is zero"
+    assert len(set(counters)) == len(counters), "page counters repeat"
+    passes = []
+    for i, value in enumerate(counters):
+        step = 16 + i
+        assert value % step == 0, f"page {i}: {value} is not a multiple of {step}"
+        passes.append(value // step)
+    assert max(passes) - min(passes) <= 1, passes
+    assert passes == sorted(passes, reverse=True), "the pass front is not contiguous"
 
 
 # --- pytest plugin ------------------------------------------------------------------------
@@ -419,6 +471,71 @@ class Lab:
             stop_process(proc)
         if self._short is not None:
             shutil.rmtree(self._short, ignore_errors=True)
+
+
+@dataclass
+class LiveCapture:
+    """What :func:`live_capture` leaves: the source (postmigrate), its boot disk, the snapshot,
+    QEMU's final query-migrate, qemu-save's JSON, and the guest's counters in the snapshot."""
+
+    source: Qemu
+    disk: Path
+    snap: Path
+    info: dict[str, Any]
+    out: dict[str, Any]
+    counters: list[int]
+
+
+def live_capture(
+    lab: Lab, method: str, *extra: str, version: str = "7.2", **parameters: Any
+) -> LiveCapture:
+    """The boot-sector guest, running, migrated into qemu-save over several sync rounds (2
+    channels, ``method``, more migration ``parameters``); checks the snapshot is the source's
+    final memory, a consistent instant of the guest, after it ran."""
+    disk = boot_disk(lab.tmp / "boot.img")
+    drive = ("-drive", f"file={disk},format=raw,if=ide", "-boot", "c")
+    source = lab.qemu("src", *drive, *extra, paused=False, version=version)
+    before = wait_counters_running(source, lab.tmp)
+    time.sleep(1.0)  # let it run
+
+    # Slow enough, and with a downtime limit small enough, that the 128 pages the guest keeps
+    # dirtying never fit: QEMU goes round after round until the limit is raised below.
+    source.set_multifd(2, method, **{"max-bandwidth": 4 << 20, "downtime-limit": 1, **parameters})
+    snap = lab.tmp / "snap"
+    save = lab.qemu_save(snap, channels=2, method=method)
+    assert save.port is not None
+    source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
+    deadline = time.monotonic() + 30
+    while True:
+        info = source.query_migrate()
+        # QEMU 10 may also complete by itself: when its estimate of what is left, taken without
+        # a bitmap sync, is 0 (the rounds are checked below)
+        if version != "7.2" and info.get("status") == "completed":
+            break
+        assert info.get("status") in ("setup", "active"), (info, save.stderr())
+        if info.get("ram", {}).get("dirty-sync-count", 0) >= 4:
+            break
+        assert time.monotonic() < deadline, f"no sync rounds: {info}"
+        time.sleep(0.05)
+    source.cmd("migrate-set-parameters", **{"downtime-limit": 10_000})
+    info = source.wait_migration(60)
+    assert info["status"] == "completed", (info, source.log_tail())
+    assert save.wait(60) == 0, save.stderr()
+    out = save.json()
+    assert source.cmd("query-status")["status"] == "postmigrate"
+
+    assert info["ram"]["dirty-sync-count"] >= 3
+    assert out["ram"]["dirty-sync-count"] >= 3
+    # the counter pages went more than once: the first round and at least one re-send
+    assert out["ram"]["normal"] >= info["ram"]["normal"] >= 2 * COUNTER_PAGES
+
+    final = source.pmemsave(0, RAM_SIZE, lab.tmp / "src.mem")
+    image = block_image(snap, "pc.ram")
+    assert outside_legacy_hole(image, final), first_difference(image, final)
+    counters = read_counters(image)
+    check_counters(counters)
+    assert all(c > b for c, b in zip(counters, before, strict=True)), "the guest did not run"
+    return LiveCapture(source, disk, snap, info, out, counters)
 
 
 @contextlib.contextmanager

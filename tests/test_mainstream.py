@@ -29,6 +29,7 @@ from multifd_core.mainstream import (
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_PART,
     QEMU_VM_SECTION_START,
+    Command,
     Configuration,
     ConnectionEnd,
     DeviceState,
@@ -102,6 +103,19 @@ def end(sid: int = 2) -> bytes:
     return b"\x03" + be32(sid)
 
 
+def flush() -> bytes:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH (QEMU 8.1+, machine types 8.1+)."""
+    return be64(0x200)
+
+
+def command(cmd: int, data: bytes = b"") -> bytes:
+    """A QEMU_VM_COMMAND: be16 command, be16 length, data."""
+    return b"\x08" + cmd.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
+
+
+SWITCHOVER_START = command(11)  # QEMU 10.0, machine types 10.0+, before the RAM END section
+
+
 def zero(offset: int, name: bytes | None, fill: int = 0) -> bytes:
     if name is None:
         return be64(offset | 0x02 | 0x20) + bytes([fill])
@@ -116,6 +130,8 @@ def page(offset: int, name: bytes | None, data: bytes) -> bytes:
 
 BLOCKS = [(b"pc.ram", 16 * PS), (b"vga", 2 * PS)]
 PRE = HEAD + CONFIG + start() + block_list(BLOCKS) + eos()
+#: QEMU 10.0's beginning with a machine type 8.1+: a FLUSH before the setup's EOS.
+PRE10 = HEAD + config(b"pc-q35-10.0") + start() + block_list(BLOCKS) + flush() + eos()
 PRE_EVENTS: list[MainEvent] = [
     Header(3),
     Configuration("pc-q35-7.2", {}),
@@ -413,6 +429,70 @@ def test_parse_hand_built_stream() -> None:
         Eof(),
         ConnectionEnd(),
     ]
+
+
+def test_parse_qemu10_per_round_stream() -> None:
+    """QEMU 10.0, pc-q35-10.0: a sync barrier at each FLUSH (the setup's, a pass's end amid a
+    section's records, the completion's), none at the EOS records; SWITCHOVER_START before the
+    END section."""
+    data = (
+        PRE10
+        + part()
+        + zero(0x3000, b"pc.ram")
+        + flush()
+        + zero(0x4000, None)
+        + eos()
+        + part()
+        + eos()
+        + SWITCHOVER_START
+        + end()
+        + flush()
+        + eos()
+        + b"\x00"
+    )
+    parser = MainStreamParser()
+    assert parser.flush is None
+    parser.feed(data)
+    parser.feed_eof()
+    events: list[MainEvent] = []
+    assert drain(parser, events)
+    assert events == [
+        Header(3),
+        Configuration("pc-q35-10.0", {}),
+        RamBlocks((("pc.ram", 16 * PS), ("vga", 2 * PS)), 2),
+        RoundEnd(QEMU_VM_SECTION_START, 0),
+        ZeroPage("pc.ram", 0x3000, 0),
+        RoundEnd(QEMU_VM_SECTION_PART, 1),
+        ZeroPage("pc.ram", 0x4000, 0),
+        Command(11),
+        RoundEnd(QEMU_VM_SECTION_END, 2),
+        RamEnd(),
+        Eof(),
+        ConnectionEnd(),
+    ]
+    assert parser.flush == ms.QEMU_FLUSH_PER_ROUND == "per-round"
+    assert parser.commands == (ms.MIG_CMD_SWITCHOVER_START,)
+
+
+def test_qemu7_stream_is_per_section() -> None:
+    parser = MainStreamParser()
+    parser.feed(PRE + end() + eos() + b"\x00")
+    parser.feed_eof()
+    events: list[MainEvent] = []
+    assert drain(parser, events)
+    assert events.count(RoundEnd(QEMU_VM_SECTION_END, 1)) == 1
+    assert parser.flush == ms.QEMU_FLUSH_PER_SECTION == "per-section"
+    assert parser.commands == ()
+
+
+def test_flush_ends_a_batched_zero_run() -> None:
+    run = zero(0, b"pc.ram") + zero(PS, None) + zero(2 * PS, None)
+    data = PRE10 + part() + run + flush() + zero(3 * PS, None) + eos()
+    events = parse(data, eof=False, batch_zero_pages=True)[4:]
+    assert isinstance(events[0], ZeroPage) and isinstance(events[1], ZeroPages)
+    assert events[1].offsets.tolist() == [PS, 2 * PS]  # the run stops at the FLUSH
+    assert events[2] == RoundEnd(QEMU_VM_SECTION_PART, 1)
+    assert isinstance(events[3], ZeroPages) and events[3].offsets.tolist() == [3 * PS]
 
 
 def test_continue_across_sections_is_accepted() -> None:
@@ -775,6 +855,34 @@ CASES: list[tuple[str, bytes, type[MultiFDError], str]] = [
     ("XBZRLE", PRE + part() + be64(0x40) + b"\x01a", MainStreamError, "XBZRLE"),
     ("COMPRESS_PAGE", PRE + part() + be64(0x100) + b"\x00", MainStreamError, "COMPRESS_PAGE"),
     ("MULTIFD_FLUSH", PRE + part() + be64(0x200), MainStreamError, "MULTIFD_FLUSH"),
+    # a per-section stream (no FLUSH before the setup's EOS) never has a FLUSH: QEMU's loader
+    # would wait at it for a sync the source does not send
+    ("FLUSH, per-section", PRE + part() + flush(), MainStreamError, "syncs at each EOS"),
+    ("FLUSH at the end, per-section", PRE + end() + flush(), MainStreamError, "MULTIFD_FLUSH"),
+    ("FLUSH with an offset", PRE10 + part() + be64(PS | 0x200), MainStreamError, "offset 0x1000"),
+    ("FLUSH|CONTINUE", PRE10 + part() + be64(0x220), MainStreamError, "bad MULTIFD_FLUSH"),
+    ("FLUSH|ZERO", PRE10 + part() + be64(0x202), MainStreamError, "ZERO|MULTIFD_FLUSH"),
+    ("FLUSH in the block list", HEAD + CONFIG + start() + flush(), MainStreamError, "not MEM_SIZE"),
+    (
+        "SWITCHOVER_START with data",
+        PRE10 + part() + eos() + command(11, b"x"),
+        MainStreamError,
+        "MIG_CMD_SWITCHOVER_START (length 1)",
+    ),
+    (
+        "OPEN_RETURN_PATH between sections",
+        PRE10 + part() + eos() + command(1),
+        MainStreamError,
+        "MIG_CMD_OPEN_RETURN_PATH",
+    ),
+    ("unknown command", PRE + command(99), MainStreamError, "command 99"),
+    ("command before the RAM START", HEAD + CONFIG + command(11), MainStreamError, "COMMAND"),
+    (
+        "command after RAM END",
+        PRE10 + end() + flush() + eos() + b"\x00" + command(11),
+        MainStreamError,
+        "after QEMU_VM_EOF",
+    ),
     ("HOOK", PRE + part() + be64(0x80), MainStreamError, "HOOK"),
     ("XBZRLE with ZERO", PRE + part() + be64(0x42) + b"\x00", MainStreamError, "XBZRLE"),
     ("ZERO and PAGE", PRE + part() + be64(0x0A) + b"\x01a", MainStreamError, "ZERO|PAGE"),
@@ -822,7 +930,8 @@ CASES: list[tuple[str, bytes, type[MultiFDError], str]] = [
     ("full section before ram end", PRE + b"\x04" + be32(3), MainStreamError, "SECTION_FULL"),
     ("second start", PRE + start(), MainStreamError, "SECTION_START"),
     ("eof before ram end", PRE + part() + eos() + b"\x00", MainStreamError, "EOF"),
-    ("command mid-ram", PRE + b"\x08", MainStreamError, "COMMAND"),
+    # a QEMU_VM_COMMAND between RAM sections: only MIG_CMD_SWITCHOVER_START is read there
+    ("command mid-ram", PRE + b"\x08\0\x01\0\0", MainStreamError, "COMMAND"),
     ("after eof", PRE + end() + eos() + b"\x00\x04", MainStreamError, "after QEMU_VM_EOF"),
     (
         "after vmdesc",
@@ -940,7 +1049,12 @@ def test_goto_refuses_a_transition_the_table_does_not_list() -> None:
 @pytest.mark.parametrize("batch", [False, True])
 def test_streams_walk_the_table(batch: bool) -> None:
     data, _ = writer_stream(SAMPLE_BLOCKS, SAMPLE_ROUNDS)
-    for stream in (data, PRE + part() + zero(0, b"vga") + eos() + end() + eos() + QEMU_TAIL):
+    qemu10 = PRE10 + part() + flush() + eos() + SWITCHOVER_START + end() + flush() + eos()
+    for stream in (
+        data,
+        PRE + part() + zero(0, b"vga") + eos() + end() + eos() + QEMU_TAIL,
+        qemu10 + QEMU_TAIL,
+    ):
         parser = MainStreamParser(batch_zero_pages=batch)
         states = [parser.state]
         for i in range(len(stream)):

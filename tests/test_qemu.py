@@ -19,7 +19,6 @@ import sys
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +39,11 @@ QEMU_TESTS = True
 if not qh.qemu_available():
     pytest.skip(f"{qh.QEMU_BINARY} is not installed", allow_module_level=True)
 
-PATTERN_SIZE = 4 << 20
-RAM_SIZE = 64 << 20
+PATTERN_SIZE = qh.PATTERN_SIZE
+RAM_SIZE = qh.RAM_SIZE
 MACHINE_TYPE = "pc-q35-7.2"
 METHODS = ("none", "zlib", "zstd")
-
-
-@cache
-def pattern() -> bytes:
-    """4 MiB of zero, random, text, repeated and single-byte pages; non-zero pages all unique."""
-    return bytes(vm_like_image(PATTERN_SIZE, seed=7))
+pattern = qh.pattern
 
 
 @pytest.fixture
@@ -58,17 +52,12 @@ def lab(tmp_path: Path) -> Iterator[qh.Lab]:
         yield the_lab
 
 
-def pattern_file(tmp: Path) -> Path:
-    path = tmp / "pattern.bin"
-    if not path.exists():
-        path.write_bytes(pattern())
-    return path
-
-
-def start_pattern_source(lab: qh.Lab, *, uuid: str | None = None, name: str = "src") -> qh.Qemu:
+def start_pattern_source(
+    lab: qh.Lab, *, uuid: str | None = None, name: str = "src", version: str = "7.2"
+) -> qh.Qemu:
     """A paused QEMU with the pattern at 1 MiB of its RAM."""
-    loader = f"loader,file={pattern_file(lab.tmp)},addr={qh.PATTERN_ADDR:#x},force-raw=on"
-    return lab.qemu(name, "-device", loader, *(["-uuid", uuid] if uuid else []))
+    loader = qh.pattern_loader(lab.tmp)
+    return lab.qemu(name, *loader, *(["-uuid", uuid] if uuid else []), version=version)
 
 
 def migrate_to(source: qh.Qemu, port: int) -> None:
@@ -76,14 +65,14 @@ def migrate_to(source: qh.Qemu, port: int) -> None:
 
 
 def capture(
-    lab: qh.Lab, channels: int, method: str, *, uuid: str | None = None
+    lab: qh.Lab, channels: int, method: str, *, uuid: str | None = None, version: str = "7.2"
 ) -> tuple[qh.Qemu, Path, dict[str, Any], dict[str, Any]]:
     """Migrate a pattern source into ``multifd qemu-save``; both ends must succeed.
 
     Returns the source (now in postmigrate), the snapshot directory, qemu-save's JSON and the
     source's final query-migrate.
     """
-    source = start_pattern_source(lab, uuid=uuid)
+    source = start_pattern_source(lab, uuid=uuid, version=version)
     source.set_multifd(channels, method)
     snap = lab.tmp / f"snap-{channels}-{method}"
     save = lab.qemu_save(snap, channels=channels, method=method, uuid=uuid)
@@ -227,15 +216,18 @@ def test_capture(lab: qh.Lab, method: str, channels: int) -> None:
     assert qh.outside_legacy_hole(image, whole), qh.first_difference(image, whole)
 
 
-def test_capture_bigger_than_the_socket_buffers(lab: qh.Lab) -> None:
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_capture_bigger_than_the_socket_buffers(lab: qh.Lab, version: str) -> None:
     """A round of pages far larger than the channels' socket buffers (regression: QEMU flushes
     the main stream after the EOS but not the section footer, so a destination that waits for the
-    footer before releasing its channels deadlocks with a source blocked on them)."""
+    footer before releasing its channels deadlocks with a source blocked on them). QEMU 10.0's
+    default machine syncs at MULTIFD_FLUSH records instead, flushed at once."""
+    qh.skip_unless_qemu(version)
     big = bytes(vm_like_image(32 << 20, seed=8))
     path = lab.tmp / "big.bin"
     path.write_bytes(big)
     loader = f"loader,file={path},addr={qh.PATTERN_ADDR:#x},force-raw=on"
-    source = lab.qemu("src", "-device", loader)
+    source = lab.qemu("src", "-device", loader, version=version)
     source.set_multifd(2, "none")
     snap = lab.tmp / "snap"
     save = lab.qemu_save(snap, channels=2, method="none")
@@ -283,73 +275,14 @@ def test_restore(lab: qh.Lab, saved: tuple[int, str], restored: tuple[int, str])
 # --- 3. a guest that keeps writing ----------------------------------------------------------
 
 
-def wait_counters_running(q: qh.Qemu, tmp: Path, timeout: float = 20.0) -> list[int]:
-    """Wait until every page counter of the boot-sector guest is non-zero."""
-    deadline = time.monotonic() + timeout
-    size = qh.COUNTER_PAGES * qh.PAGE
-    while True:
-        mem = q.pmemsave(qh.COUNTER_FIRST_PAGE, size, tmp / f"{q.name}-counters.mem")
-        counters = qh.read_counters(mem, qh.COUNTER_FIRST_PAGE)
-        if all(counters):
-            return counters
-        assert time.monotonic() < deadline, f"{q.name}: the guest does not run: {q.log_tail()}"
-        time.sleep(0.05)
-
-
-def check_counters(counters: list[int]) -> None:
-    """A consistent instant of the guest: page i holds (16 + i) * p, p or p + 1 passes."""
-    assert all(counters), "a page counter is zero"
-    assert len(set(counters)) == len(counters), "page counters repeat"
-    passes = []
-    for i, value in enumerate(counters):
-        step = 16 + i
-        assert value % step == 0, f"page {i}: {value} is not a multiple of {step}"
-        passes.append(value // step)
-    assert max(passes) - min(passes) <= 1, passes
-    assert passes == sorted(passes, reverse=True), "the pass front is not contiguous"
+wait_counters_running = qh.wait_counters_running
+check_counters = qh.check_counters
 
 
 @pytest.mark.parametrize("method", ["none", "zstd"])
 def test_live_guest(lab: qh.Lab, method: str) -> None:
-    disk = qh.boot_disk(lab.tmp / "boot.img")
-    drive = ("-drive", f"file={disk},format=raw,if=ide", "-boot", "c")
-    source = lab.qemu("src", *drive, paused=False)
-    before = wait_counters_running(source, lab.tmp)
-    time.sleep(1.0)  # let it run
-
-    # Slow enough, and with a downtime limit small enough, that the 128 pages the guest keeps
-    # dirtying never fit: QEMU goes round after round until the limit is raised below.
-    source.set_multifd(2, method, **{"max-bandwidth": 4 << 20, "downtime-limit": 1})
-    snap = lab.tmp / "snap"
-    save = lab.qemu_save(snap, channels=2, method=method)
-    assert save.port is not None
-    migrate_to(source, save.port)
-    deadline = time.monotonic() + 30
-    while True:
-        info = source.query_migrate()
-        assert info.get("status") in ("setup", "active"), (info, save.stderr())
-        if info.get("ram", {}).get("dirty-sync-count", 0) >= 4:
-            break
-        assert time.monotonic() < deadline, f"no sync rounds: {info}"
-        time.sleep(0.05)
-    source.cmd("migrate-set-parameters", **{"downtime-limit": 10_000})
-    info = source.wait_migration(60)
-    assert info["status"] == "completed", (info, source.log_tail())
-    assert save.wait(60) == 0, save.stderr()
-    out = save.json()
-    assert source.cmd("query-status")["status"] == "postmigrate"
-
-    assert info["ram"]["dirty-sync-count"] >= 3
-    assert out["ram"]["dirty-sync-count"] >= 3
-    # the counter pages went more than once: the first round and at least one re-send
-    assert out["ram"]["normal"] >= info["ram"]["normal"] >= 2 * qh.COUNTER_PAGES
-
-    final = source.pmemsave(0, RAM_SIZE, lab.tmp / "src.mem")
-    image = qh.block_image(snap, "pc.ram")
-    assert qh.outside_legacy_hole(image, final), qh.first_difference(image, final)
-    counters = qh.read_counters(image)
-    check_counters(counters)
-    assert all(c > b for c, b in zip(counters, before, strict=True)), "the guest did not run"
+    live = qh.live_capture(lab, method)
+    disk, snap, counters = live.disk, live.snap, live.counters
 
     # The snapshot resumes: a destination that is not paused carries on counting from it.
     disk2 = lab.tmp / "boot-dst.img"
@@ -382,6 +315,7 @@ def failing_save(
     save_method: str,
     source_uuid: str | None = None,
     save_uuid: str | None = None,
+    version: str = "7.2",
 ) -> qh.MultifdProcess:
     """A misconfigured capture: qemu-save must fail within seconds and leave no snapshot.
 
@@ -389,7 +323,8 @@ def failing_save(
     gets nothing back from its destination, and this small migration fits in the socket buffers
     before qemu-save has closed them.
     """
-    source = start_pattern_source(lab, uuid=source_uuid)
+    qh.skip_unless_qemu(version)
+    source = start_pattern_source(lab, uuid=source_uuid, version=version)
     source.set_multifd(source_channels, source_method)
     snap = lab.tmp / "snap"
     save = lab.qemu_save(snap, channels=save_channels, method=save_method, uuid=save_uuid)
@@ -412,10 +347,12 @@ def failing_save(
     return save
 
 
-def test_uuid_mismatch(lab: qh.Lab) -> None:
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_uuid_mismatch(lab: qh.Lab, version: str) -> None:
     theirs, ours = str(uuidlib.uuid4()), str(uuidlib.uuid4())
     save = failing_save(
         lab,
+        version=version,
         source_channels=2,
         source_method="none",
         save_channels=2,
@@ -428,26 +365,48 @@ def test_uuid_mismatch(lab: qh.Lab) -> None:
     assert theirs.replace("-", "") in err.replace("-", ""), err
 
 
-def test_compression_mismatch(lab: qh.Lab) -> None:
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_compression_mismatch(lab: qh.Lab, version: str) -> None:
     save = failing_save(
-        lab, source_channels=2, source_method="zstd", save_channels=2, save_method="zlib"
+        lab,
+        source_channels=2,
+        source_method="zstd",
+        save_channels=2,
+        save_method="zlib",
+        version=version,
     )
     assert "CompressionMismatch" in save.stderr()
 
 
-def test_channel_count_mismatch(lab: qh.Lab) -> None:
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_channel_count_mismatch(lab: qh.Lab, version: str) -> None:
     """QEMU with 4 channels, qemu-save with 2: channels 2 and 3 must fail the capture."""
     save = failing_save(
-        lab, source_channels=4, source_method="none", save_channels=2, save_method="none"
+        lab,
+        source_channels=4,
+        source_method="none",
+        save_channels=2,
+        save_method="none",
+        version=version,
     )
     err = save.stderr()
     assert "BadChannelId" in err and "outside 0..1" in err, err
 
 
-def test_manifest_of_a_source_without_uuid(lab: qh.Lab) -> None:
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_manifest_of_a_source_without_uuid(lab: qh.Lab, version: str) -> None:
     """Without -uuid QEMU's uuid is all zero; the manifest is plain JSON."""
-    _, snap, _, _ = capture(lab, 1, "none")
+    qh.skip_unless_qemu(version)
+    _, snap, _, _ = capture(lab, 1, "none", version=version)
     manifest = json.loads((snap / "manifest.json").read_text())
     assert manifest["format"] == "multifd-qemu-save/1"
     assert manifest["stats"]["status"] == "completed"
     assert manifest["uuid"] == str(uuidlib.UUID(int=0))
+    # the dialect QEMU spoke: 7.2 syncs at each EOS and sends zero records; 10.0's own machine
+    # type syncs at MULTIFD_FLUSH, lists zero pages in packets, announces the switchover
+    new = version != "7.2"
+    assert manifest["stream"] == {
+        "qemu-flush": "per-round" if new else "per-section",
+        "zero-pages": "packets" if new else "records",
+        "commands": ["MIG_CMD_SWITCHOVER_START"] if new else [],
+    }

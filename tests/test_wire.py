@@ -11,7 +11,11 @@ from hypothesis import strategies as st
 
 from multifd_core import errors
 from multifd_core.wire import (
+    MULTIFD_FLAG_DEVICE_STATE,
+    MULTIFD_FLAG_QATZIP,
+    MULTIFD_FLAG_QPL,
     MULTIFD_FLAG_SYNC,
+    MULTIFD_FLAG_UADK,
     MULTIFD_FLAG_ZLIB,
     MULTIFD_FLAG_ZSTD,
     MultiFDInit,
@@ -446,6 +450,27 @@ PACKET_REFUSALS = [
         )
         for bit in (0x10, 0x100, 0x80000000)
     ),
+    # QEMU 9.x/10.x's 5-bit compression field and device-state flag (migration/multifd.h)
+    refusal(
+        "device-state packet (QEMU 10, VFIO)",
+        raw_packet(flags=MULTIFD_FLAG_DEVICE_STATE),
+        errors.BadFlags,
+        "0x40 .*MULTIFD_FLAG_DEVICE_STATE: a device-state packet .*not supported",
+    ),
+    refusal(
+        "device-state SYNC packet",
+        raw_packet(flags=MULTIFD_FLAG_DEVICE_STATE | MULTIFD_FLAG_SYNC),
+        errors.BadFlags,
+        "DEVICE_STATE",
+    ),
+    refusal("uadk pages", pages_packet(flags=MULTIFD_FLAG_UADK), errors.BadFlags, "uadk"),
+    refusal("qatzip pages", pages_packet(flags=MULTIFD_FLAG_QATZIP), errors.BadFlags, "qatzip"),
+    refusal(
+        "qpl pages, nocomp here",
+        pages_packet(flags=MULTIFD_FLAG_QPL),
+        errors.CompressionMismatch,
+        "compression 4 .*negotiated 0",
+    ),
     refusal(
         "zlib pages, nocomp here",
         pages_packet(flags=MULTIFD_FLAG_ZLIB),
@@ -638,6 +663,42 @@ def test_block_name_of_255_bytes():
     # and encode produces it
     wire = MultiFDPacket(0, 128, 1, PAGE, 0, name.decode(), (0,)).encode()
     assert wire[64:319] == name and wire[319] == 0
+
+
+def test_qemu_9_flag_values():
+    # migration/multifd.h of QEMU 9.2 / 10.0: one-hot values in 5 bits from bit 1, then 0x40
+    assert (MULTIFD_FLAG_ZLIB, MULTIFD_FLAG_ZSTD, MULTIFD_FLAG_QPL) == (0x2, 0x4, 0x8)
+    assert (MULTIFD_FLAG_UADK, MULTIFD_FLAG_QATZIP, MULTIFD_FLAG_DEVICE_STATE) == (0x10, 0x20, 0x40)
+    assert compression_value(MULTIFD_FLAG_QATZIP | MULTIFD_FLAG_SYNC) == 16
+
+
+#: The first 64 bytes of two packets a real QEMU 10.0 sent (pc-q35-10.0, nocomp,
+#: zero-page-detection=multifd): a SYNC packet (pages_alloc 0, no pages), and a packet of 128
+#: zero pages of pc.ram (normal_pages 0, zero_pages 128, next_packet_size 0, packet_num 2).
+QEMU10_SYNC = bytes.fromhex(
+    "11223344 00000001 00000001 00000000 00000000 00000000 0000000000000000"
+) + bytes(32)
+QEMU10_ZERO = bytes.fromhex(
+    "11223344 00000001 00000000 00000080 00000000 00000000 0000000000000002 00000080"
+) + bytes(28)
+
+
+def test_qemu10_sync_packet_golden():
+    buf = QEMU10_SYNC + bytes(HEADER - 64)
+    for rules in (RULES, ZERO_RULES):
+        got = decode_packet(buf, rules, BLOCKS)
+        assert got.sync and (got.pages_alloc, got.normal_pages, got.zero_pages) == (0, 0, 0)
+
+
+def test_qemu10_zero_page_packet_golden():
+    offsets = [PAGE * (i + 1) for i in range(127)] + [0]
+    buf = QEMU10_ZERO + b"pc.ram".ljust(256, b"\0") + struct.pack(">128Q", *offsets)
+    got = decode_packet(buf, ZERO_RULES, BLOCKS)
+    assert (got.normal_pages, got.zero_pages, got.next_packet_size) == (0, 128, 0)
+    assert got.ramblock == "pc.ram" and list(got.zero_offsets) == offsets
+    assert got.encode(zero_pages_field=True) == buf
+    # read as QEMU 7.2's unused bytes, the same packet carries nothing
+    assert decode_packet(buf, RULES, BLOCKS).zero_pages == 0
 
 
 def test_7_2_ignores_the_unused_field():

@@ -1,4 +1,5 @@
-"""Sans-I/O writer and incremental parser for the RAM part of QEMU 7.2's migration stream.
+"""Sans-I/O writer and incremental parser for the RAM part of QEMU's migration stream (7.2, and
+the parser also 8.x-10.x: docs/qemu-versions.md).
 
 The main channel carries QEMU's savevm stream (../shared/WIRE.md, "Main channel, the RAM part"):
 the file header, the configuration record, then the "ram" section — a START section with the
@@ -18,6 +19,9 @@ Facts taken from QEMU's migration/ram.c and savevm.c:
   last block; the writer does so and the parser accepts it.
 - A record's be64 holds the page offset in the bits above TARGET_PAGE_BITS and the flags below.
 - ``ram_load`` accepts only section version 4; the loader checks every section footer's id.
+- QEMU 8.1+ with machine types 8.1+ syncs the channels at RAM_SAVE_FLAG_MULTIFD_FLUSH records
+  instead of at every EOS (``records``); QEMU 10.0 with machine types 10.0+ writes a
+  QEMU_VM_COMMAND MIG_CMD_SWITCHOVER_START before the RAM END section (``sections``).
 
 The modules:
 

@@ -1,5 +1,5 @@
-"""QEMU 7.2's values for the main stream (migration/savevm.c, migration/ram.c), our limits, and
-the byte layouts the writer and the parser share.
+"""QEMU's values for the main stream (migration/savevm.c, migration/ram.c; 7.2, and what 8.x-10.x
+added), our limits, and the byte layouts the writer and the parser share.
 
 The QEMU values are pinned against QEMU's sources by tests/test_mainstream.py.
 """
@@ -16,6 +16,10 @@ __all__ = [
     "MAX_CAPABILITIES",
     "MAX_MACHINE_TYPE",
     "MAX_VMDESC",
+    "MIG_CMD_NAMES",
+    "MIG_CMD_SWITCHOVER_START",
+    "QEMU_FLUSH_PER_ROUND",
+    "QEMU_FLUSH_PER_SECTION",
     "QEMU_VM_COMMAND",
     "QEMU_VM_CONFIGURATION",
     "QEMU_VM_EOF",
@@ -75,6 +79,33 @@ RAM_SAVE_FLAG_XBZRLE: Final = 1 << 6
 RAM_SAVE_FLAG_HOOK: Final = 1 << 7  # RDMA hooks
 RAM_SAVE_FLAG_COMPRESS_PAGE: Final = 1 << 8
 RAM_SAVE_FLAG_MULTIFD_FLUSH: Final = 1 << 9  # QEMU 8.1+
+
+# savevm.c's enum qemu_vm_cmd: a QEMU_VM_COMMAND is the section byte, be16 command, be16 length,
+# then that many bytes. The parser reads only MIG_CMD_SWITCHOVER_START (QEMU 10.0, machine types
+# 10.0+: "send-switchover-start"), between the last RAM PART section and the RAM END section.
+MIG_CMD_NAMES: Final = {
+    0: "MIG_CMD_INVALID",
+    1: "MIG_CMD_OPEN_RETURN_PATH",
+    2: "MIG_CMD_PING",
+    3: "MIG_CMD_POSTCOPY_ADVISE",
+    4: "MIG_CMD_POSTCOPY_LISTEN",
+    5: "MIG_CMD_POSTCOPY_RUN",
+    6: "MIG_CMD_POSTCOPY_RAM_DISCARD",
+    7: "MIG_CMD_POSTCOPY_RESUME",
+    8: "MIG_CMD_PACKAGED",
+    9: "MIG_CMD_ENABLE_COLO",
+    10: "MIG_CMD_RECV_BITMAP",
+    11: "MIG_CMD_SWITCHOVER_START",
+}
+MIG_CMD_SWITCHOVER_START: Final = 11
+
+# Where a QEMU multifd source syncs its channels (ram.c; the migration property
+# "multifd-flush-after-each-section", on for machine types up to 8.0 by hw_compat_8_0): at every
+# EOS record ("per-section", QEMU 7.2's only way), or at RAM_SAVE_FLAG_MULTIFD_FLUSH records, one
+# at the setup, one per pass over the dirty pages, one at completion ("per-round", QEMU 8.1+
+# with machine types 8.1+).
+QEMU_FLUSH_PER_SECTION: Final = "per-section"
+QEMU_FLUSH_PER_ROUND: Final = "per-round"
 
 RAM_IDSTR: Final = "ram"
 RAM_INSTANCE_ID: Final = 0
@@ -140,3 +171,4 @@ RECORD_DTYPE: Final = np.dtype([("value", ">u8"), ("fill", "u1")])  # the same, 
 ZERO_CONT: Final = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
 EOS_RECORD: Final = BE64.pack(RAM_SAVE_FLAG_EOS)
 MAGIC_BYTES: Final = BE32.pack(QEMU_VM_FILE_MAGIC)
+COMMAND: Final = struct.Struct(">BHH")  # QEMU_VM_COMMAND, command, length

@@ -11,6 +11,7 @@ import numpy as np
 
 __all__ = [
     "NEED_DATA",
+    "Command",
     "Configuration",
     "ConnectionEnd",
     "DeviceState",
@@ -120,6 +121,15 @@ class RoundEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class Command:
+    """A QEMU_VM_COMMAND between the RAM sections (QEMU 10.0: MIG_CMD_SWITCHOVER_START before
+    the RAM END section): savevm.c's command number and its bytes."""
+
+    command: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class RamEnd:
     """The RAM END section is complete: no more RAM records follow."""
 
@@ -159,6 +169,7 @@ MainEvent: TypeAlias = (
     | ZeroPages
     | Page
     | RoundEnd
+    | Command
     | RamEnd
     | Eof
     | VmDescription

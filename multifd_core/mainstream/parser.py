@@ -77,6 +77,17 @@ class MainStreamParser:
         return self._ctx.blocks
 
     @property
+    def flush(self) -> str | None:
+        """Where the source syncs its channels (QEMU_FLUSH_PER_SECTION or QEMU_FLUSH_PER_ROUND),
+        once the RAM START section told."""
+        return self._ctx.flush
+
+    @property
+    def commands(self) -> tuple[int, ...]:
+        """The QEMU_VM_COMMAND numbers read so far, in order."""
+        return tuple(self._ctx.commands)
+
+    @property
     def state(self) -> State:
         """Where the parser is in the stream."""
         return self._ctx.state

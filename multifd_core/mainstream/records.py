@@ -4,6 +4,13 @@ A record is a be64 holding the page offset above the page bits and the flags bel
 its flags say. :data:`RECORD_READERS` is the table of the record kinds read here, by their
 flags without CONTINUE: a new kind (a QEMU dialect) is a row and a reader. The one hot record,
 a CONTINUE zero page, is read before the table is consulted.
+
+Sync barriers (:class:`RoundEnd`): a QEMU source syncs its channels either at every EOS record
+("per-section": QEMU 7.2, and machine types up to 8.0) or at every MULTIFD_FLUSH record
+("per-round": machine types 8.1+), never both. The RAM START section tells which: a FLUSH
+before its EOS makes the stream per-round (its EOS records are then no barrier), an EOS with
+none before it per-section (a FLUSH after that is refused: QEMU's own loader would wait for a
+second sync the source never sends).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import numpy as np
 from ..errors import BadOffset, MainStreamError, UnknownBlock
 from .constants import (
     BE64,
+    QEMU_FLUSH_PER_ROUND,
+    QEMU_FLUSH_PER_SECTION,
     RAM_SAVE_FLAG_COMPRESS_PAGE,
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_EOS,
@@ -39,11 +48,7 @@ RecordReader: TypeAlias = Callable[[ParseContext, int, int], Step]
 
 #: Flags of records QEMU may send that this side does not read (named in the refusal).
 _UNSUPPORTED: Final = (
-    RAM_SAVE_FLAG_XBZRLE
-    | RAM_SAVE_FLAG_COMPRESS_PAGE
-    | RAM_SAVE_FLAG_MULTIFD_FLUSH
-    | RAM_SAVE_FLAG_HOOK
-    | RAM_SAVE_FLAG_FULL
+    RAM_SAVE_FLAG_XBZRLE | RAM_SAVE_FLAG_COMPRESS_PAGE | RAM_SAVE_FLAG_HOOK | RAM_SAVE_FLAG_FULL
 )
 
 
@@ -148,18 +153,41 @@ def page_record(ctx: ParseContext, flags: int, offset: int) -> Step:
     return Page(block.name, offset, data)
 
 
+def _barrier(ctx: ParseContext) -> RoundEnd:
+    """A sync barrier of the RAM section: the event, counted."""
+    event = RoundEnd(ctx.kind, ctx.round)
+    ctx.round += 1
+    return event
+
+
+def flush_record(ctx: ParseContext, flags: int, offset: int) -> Step:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH (QEMU 8.1+): a sync barrier amid the records (ram_load's
+    multifd_recv_sync_main), in a per-round stream only."""
+    if flags != RAM_SAVE_FLAG_MULTIFD_FLUSH or offset:
+        raise MainStreamError(f"bad MULTIFD_FLUSH record: offset {offset:#x}, {flag_names(flags)}")
+    if ctx.flush == QEMU_FLUSH_PER_SECTION:
+        raise MainStreamError(
+            "MULTIFD_FLUSH record in a stream that syncs at each EOS (its setup had none)"
+        )
+    ctx.flush = QEMU_FLUSH_PER_ROUND
+    ctx.pos += 8
+    return _barrier(ctx)
+
+
 def eos_record(ctx: ParseContext, flags: int, offset: int) -> Step:
-    """RAM_SAVE_FLAG_EOS: the end of the section's records, and of a sync round."""
+    """RAM_SAVE_FLAG_EOS: the end of the section's records, and (per-section) of a sync round."""
     if flags != RAM_SAVE_FLAG_EOS or offset:
         raise MainStreamError(f"bad EOS record: offset {offset:#x}, {flag_names(flags)}")
+    ctx.pos += 8
+    if ctx.flush is None:  # the setup's EOS, no FLUSH before it
+        ctx.flush = QEMU_FLUSH_PER_SECTION
+    if ctx.flush == QEMU_FLUSH_PER_ROUND:
+        return ctx.goto(State.FOOTER)
     # The round ends at the EOS record itself, not at the section footer after it: QEMU 7.2
     # flushes its stream right after the EOS but writes the footer into its buffer, where it
     # can stay while the source blocks on full multifd channels (their SYNC is in, so they
     # wait for this round end). QEMU's own loader syncs on reading the EOS.
-    ctx.pos += 8
-    event = RoundEnd(ctx.kind, ctx.round)
-    ctx.round += 1
-    return ctx.goto(State.FOOTER, event)
+    return ctx.goto(State.FOOTER, _barrier(ctx))
 
 
 #: The record kinds read in a RAM section, by their flags without RAM_SAVE_FLAG_CONTINUE.
@@ -167,6 +195,7 @@ RECORD_READERS: Final[Mapping[int, RecordReader]] = {
     RAM_SAVE_FLAG_ZERO: zero_record,
     RAM_SAVE_FLAG_PAGE: page_record,
     RAM_SAVE_FLAG_EOS: eos_record,
+    RAM_SAVE_FLAG_MULTIFD_FLUSH: flush_record,
 }
 
 

@@ -1,5 +1,6 @@
 """State handlers for the RAM section's framing: the START section's header, the footer after
-each EOS, and the header of the PART or END section that follows."""
+each EOS, and the header of the PART or END section that follows (or a QEMU_VM_COMMAND of
+:data:`COMMANDS_BETWEEN_SECTIONS` before it)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from typing import Final, NoReturn
 from ..errors import BadVersion, MainStreamError
 from .constants import (
     BE32,
+    COMMAND,
     INSTANCE_VERSION,
+    MIG_CMD_NAMES,
+    MIG_CMD_SWITCHOVER_START,
     QEMU_VM_COMMAND,
     QEMU_VM_EOF,
     QEMU_VM_SECTION_END,
@@ -23,12 +27,15 @@ from .constants import (
     SECTION_NAMES,
     section_name,
 )
-from .events import NEED_DATA, RamEnd
+from .events import NEED_DATA, Command, RamEnd
 from .states import ParseContext, State, Step
 
 _RAM_IDSTR: Final = RAM_IDSTR.encode()
 _START: Final = frozenset({QEMU_VM_SECTION_START})
 _PART_OR_END: Final = frozenset({QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END})
+_NEXT: Final = _PART_OR_END | {QEMU_VM_COMMAND}
+#: The QEMU_VM_COMMANDs read between two RAM sections, and the length of their data.
+COMMANDS_BETWEEN_SECTIONS: Final = {MIG_CMD_SWITCHOVER_START: 0}
 
 
 def unexpected_section(kind: int, expected: str) -> NoReturn:
@@ -106,12 +113,32 @@ def footer(ctx: ParseContext) -> Step:
     return ctx.goto(State.NEXT_SECTION)
 
 
+def command(ctx: ParseContext, expected: str) -> Step:
+    """A QEMU_VM_COMMAND at ``ctx.pos`` where ``expected`` may come instead: one of
+    :data:`COMMANDS_BETWEEN_SECTIONS`, else refused naming it."""
+    buf, pos = ctx.buf, ctx.pos
+    if len(buf) - pos < COMMAND.size:
+        return NEED_DATA
+    _, cmd, length = COMMAND.unpack_from(buf, pos)
+    name = MIG_CMD_NAMES.get(cmd, f"command {cmd}")
+    if COMMANDS_BETWEEN_SECTIONS.get(cmd) != length:
+        raise MainStreamError(
+            f"QEMU_VM_COMMAND {name} (length {length}) where {expected} was expected: unsupported"
+        )
+    ctx.pos = pos + COMMAND.size + length
+    ctx.commands.append(cmd)
+    return Command(cmd, bytes(buf[pos + COMMAND.size : ctx.pos]))
+
+
 def next_section(ctx: ParseContext) -> Step:
     """A RAM PART or END section's header: its type and the RAM section's id."""
-    head = _section_head(ctx, _PART_OR_END, "a RAM PART or END section")
+    expected = "a RAM PART or END section"
+    head = _section_head(ctx, _NEXT, expected)
     if head is None:
         return NEED_DATA
     kind, section_id = head
+    if kind == QEMU_VM_COMMAND:
+        return command(ctx, expected)
     if section_id != ctx.section_id:
         raise MainStreamError(
             f"{section_name(kind)} for section id {section_id} before the RAM section "

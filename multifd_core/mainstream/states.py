@@ -77,8 +77,10 @@ class ParseContext:
         "blocks",
         "buf",
         "by_raw",
+        "commands",
         "device_bytes",
         "eof",
+        "flush",
         "handler",
         "handlers",
         "kind",
@@ -124,7 +126,9 @@ class ParseContext:
         self.setup: list[tuple[str, int]] = []  # the block list while it is read
         self.setup_left = 0  # bytes of the announced total not yet listed
         self.kind = QEMU_VM_SECTION_START  # the open section's type
-        self.round = 0  # EOS records so far
+        self.round = 0  # sync barriers so far (EOS or MULTIFD_FLUSH records)
+        self.flush: str | None = None  # where the source syncs, once the setup told
+        self.commands: list[int] = []  # the QEMU_VM_COMMANDs read, in order
         self.last: KnownBlock | None = None  # QEMU's last_recv_block
         self.device_bytes = 0
 
