@@ -75,6 +75,7 @@ class Destination:
             max_pages=pages_per_packet(self.page_size),
             compression=self.method.value,
             payload_size=self.method.payload_size,
+            zero_pages_field=True,  # QEMU 9.0+ and multifd send; earlier ones leave it 0
         )
         self.state = MultiFDRecvState(self.num_channels, self.rules, self.stats)
         self.handshakes = Handshake(self.num_channels, options.uuid_bytes)
