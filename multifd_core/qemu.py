@@ -2,9 +2,11 @@
 
 ``qemu_save`` is the destination of a QEMU 7.2 source migrating with the multifd capability: it
 rebuilds every RAM block into an image file, keeps the rest of the main stream after the RAM
-section (device state) byte for byte, and writes a manifest. ``qemu_restore`` is a QEMU 7.2 source
-for a QEMU destination started with ``-incoming``: the saved blocks go over N multifd channels
-(any count and method the destination is set to), then the saved device state.
+section (device state) byte for byte, and writes a manifest. ``qemu_restore`` is a QEMU source
+for a QEMU destination started with ``-incoming`` (7.2, or 10.0 with the snapshot's machine
+type): the saved blocks go over N multifd channels (any count and method the destination is set
+to), in the dialect the machine type expects (``dialect.py``: the sync, where zero pages go),
+then the saved device state.
 
 Directory layout::
 

@@ -20,6 +20,7 @@ on 2 cores: each pattern case 2-4 s, each live case 3-6 s, the refusal 1 s; ~25 
 from __future__ import annotations
 
 import json
+import operator
 import os
 import shutil
 import socket
@@ -193,15 +194,20 @@ def test_live_guest_runs_on_in_qemu10(lab: qh.Lab, version: str, machine: str, z
     dest.set_multifd(1, "none")
     dest.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
     restored(lab, snap, dest, tq.incoming_port(dest), zero)
-    deadline = time.monotonic() + 20
-    while True:
-        mem = dest.pmemsave(qh.COUNTER_FIRST_PAGE, qh.COUNTER_PAGES * qh.PAGE, lab.tmp / "d.mem")
-        later = qh.read_counters(mem, qh.COUNTER_FIRST_PAGE)
-        if all(a > c for a, c in zip(later, counters, strict=True)):
-            break
-        assert time.monotonic() < deadline, f"the restored guest does not run: {dest.log_tail()}"
-        time.sleep(0.05)
+    assert counting_past(dest, counters, lab.tmp), f"the guest does not run: {dest.log_tail()}"
     assert dest.cmd("query-status")["status"] == "running"
+
+
+def counting_past(q: qh.Qemu, counters: list[int], tmp: Path, timeout: float = 20.0) -> bool:
+    """Whether every page counter of ``q``'s guest passes ``counters`` within ``timeout``."""
+    size = qh.COUNTER_PAGES * qh.PAGE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mem = q.pmemsave(qh.COUNTER_FIRST_PAGE, size, tmp / f"{q.name}-later.mem")
+        if all(map(operator.gt, qh.read_counters(mem, qh.COUNTER_FIRST_PAGE), counters)):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_refused_before_connecting(lab: qh.Lab) -> None:
