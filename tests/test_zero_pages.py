@@ -12,8 +12,11 @@ import random
 import pytest
 
 from multifd_core import RAMBlock, SourceOptions
+from multifd_core.cli.ends import source_options
+from multifd_core.cli.parser import build_parser
 from multifd_core.dialect import Dialect, machine_version, resolve
 from multifd_core.errors import ConfigError
+from multifd_core.mainstream import MainStreamWriter
 from multifd_core.testing import dirty_blocks, image_blocks, run_loopback
 
 TIMEOUT = 60
@@ -159,3 +162,26 @@ def test_dialect_options_win_and_refusals() -> None:
     assert resolve(SourceOptions(machine_type="microvm")) == Dialect("legacy", True)
     assert machine_version("pc-q35-10.0") == (10, 0)
     assert machine_version("isapc") is None
+
+
+@pytest.mark.parametrize("command", ["send", "qemu-restore", "demo"])
+def test_cli_option_reaches_the_source_options(command: str) -> None:
+    where = {"send": ["--connect", "127.0.0.1:1", "f"], "qemu-restore": ["d", "--connect", "h:1"]}
+    argv = [command, *where.get(command, [])]
+    assert source_options(build_parser().parse_args(argv)).zero_page_detection is None
+    for mode in MODES:
+        args = build_parser().parse_args([*argv, "--zero-page-detection", mode])
+        assert source_options(args).zero_page_detection == mode
+
+
+def test_writer_multifd_flush_record() -> None:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH: a bare be64 0x200 inside a RAM section, nowhere else."""
+    w = MainStreamWriter()
+    w.header()
+    w.ram_setup([("pc.ram", 1 << 20)])
+    w.take()
+    w.multifd_flush()
+    assert w.take() == (0x200).to_bytes(8, "big")
+    w.eos()
+    with pytest.raises(ConfigError, match="multifd flush outside a RAM section"):
+        w.multifd_flush()
