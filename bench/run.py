@@ -297,7 +297,7 @@ class Bench:
     def python_matrix(self) -> list[tuple[str, str, int]]:
         cases = [("vm", m, n) for m in self.cfg.methods for n in self.cfg.channels]
         if "none" in self.cfg.methods:
-            cases += [("random", "none", 2), ("zero", "none", 2)]
+            cases += [("random", "none", 2), ("zero", "none", 2), ("zero+multifd", "none", 2)]
         return cases
 
     def section_python(self) -> None:
@@ -347,13 +347,17 @@ class Bench:
             shutil.rmtree(d, ignore_errors=True)
 
     def python_once(self, image: str, method: str, channels: int) -> dict[str, Any]:
+        """One send/recv pair; ``image`` is an image's name, with ``+MODE`` for a
+        ``--zero-page-detection`` other than the default (``zero+multifd``)."""
         assert self.images is not None
-        src: Path | None = getattr(self.images, image)
+        file_image, _, zero_mode = image.partition("+")
+        src: Path | None = getattr(self.images, file_image)
         assert src is not None
         size = src.stat().st_size
-        d = self.run_dir(f"py-{image}-{method}-{channels}")
+        d = self.run_dir(f"py-{file_image}-{zero_mode or 'default'}-{method}-{channels}")
         timeout = 60 + size / 20e6
         common = ["--channels", str(channels), "--compression", method, "--json", "--no-progress"]
+        zero = ["--zero-page-detection", zero_mode] if zero_mode else []
         try:
             recv, host, port = self.listen(
                 "multifd recv", d, "recv", "recv", "--output", str(d / "out"), *common
@@ -361,7 +365,7 @@ class Bench:
             t0 = time.monotonic()
             send = self.children.spawn(
                 "multifd send",
-                self.mf("send", "--connect", f"{host}:{port}", *common, str(src)),
+                self.mf("send", "--connect", f"{host}:{port}", *common, *zero, str(src)),
                 stdout=d / "send.json",
                 stderr=d / "send.err",
             )

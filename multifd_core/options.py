@@ -18,6 +18,11 @@ from .methods import MultiFDMethod
 from .registry import MethodRegistry, load_methods
 from .wire import MAX_CHANNELS, check_page_size, uuid_bytes
 
+#: Where a source puts zero pages (QEMU's zero-page-detection): main-stream zero records
+#: ("legacy"), the packets' zero-page list ("multifd", QEMU 9.0+), or nowhere ("none": sent as
+#: normal pages).
+ZERO_PAGE_DETECTION = ("multifd", "legacy", "none")
+
 #: The RAM a destination accepts by default (``max_total_bytes``, ``multifd recv --max-size``).
 DEFAULT_MAX_TOTAL_BYTES = 1 << 40
 
@@ -105,6 +110,21 @@ class SourceOptions(EndOptions):
     section_id: int = 2
     #: when given, replaces EOF: the bytes QEMU sends after its RAM section (device state).
     device_state: bytes | None = None
+    #: one of ZERO_PAGE_DETECTION; None: QEMU's default for ``machine_type`` (legacy up to
+    #: 8.2 machine types, multifd after).
+    zero_page_detection: str | None = None
+    #: QEMU's multifd-flush-after-each-section: True, the destination syncs at each section's
+    #: EOS (machine types up to 8.0); False, at a RAM_SAVE_FLAG_MULTIFD_FLUSH record once per
+    #: round; None: as ``machine_type`` says.
+    multifd_flush_after_each_section: bool | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        zpd = self.zero_page_detection
+        if zpd is not None and zpd not in ZERO_PAGE_DETECTION:
+            raise ConfigError(
+                f"zero_page_detection {zpd!r} is not one of {', '.join(ZERO_PAGE_DETECTION)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -124,10 +144,10 @@ class DestinationOptions(EndOptions):
     max_blocks: int = 4096
     #: bytes of RAM the source may announce (None: no limit).
     max_total_bytes: int | None = DEFAULT_MAX_TOTAL_BYTES
-    #: read QEMU 9's ``zero_pages`` field (bytes 32..35 of a packet) and zero those pages
-    #: (``zero-page-detection=multifd``); False: the bytes are 7.2's unused[], not read.
-    #: QEMU 7.2 sends zeros there, so ``qemu_save`` always reads it.
-    zero_page_packets: bool = False
+    #: read the ``zero_pages`` field (bytes 32..35 of a packet: QEMU 9.0+ and our own source
+    #: with ``zero_page_detection="multifd"``) and zero those pages. QEMU 7.2 sends zeros there
+    #: (its unused[]), so reading it is safe with every source; False: the bytes are not read.
+    zero_page_packets: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -147,6 +167,7 @@ RECV_DEFAULTS = DestinationOptions(connect_timeout=60.0)
 
 __all__ = [
     "DEFAULT_MAX_TOTAL_BYTES",
+    "ZERO_PAGE_DETECTION",
     "QEMU_SAVE_DEFAULTS",
     "RECV_DEFAULTS",
     "DestinationOptions",

@@ -3,9 +3,11 @@
 ``qemu_save`` is the destination of a QEMU source (7.2, 8.x-10.x: docs/qemu-versions.md)
 migrating with the multifd capability: it rebuilds every RAM block into an image file, keeps the
 rest of the main stream after the RAM section (device state) byte for byte, and writes a
-manifest, with the dialect the source spoke under ``"stream"``. ``qemu_restore`` is a QEMU 7.2
-source for a QEMU destination started with ``-incoming``: the saved blocks go over N multifd
-channels (any count and method the destination is set to), then the saved device state.
+manifest, with the dialect the source spoke under ``"stream"``. ``qemu_restore`` is a QEMU source
+for a QEMU destination started with ``-incoming`` (7.2, or 10.0 with the snapshot's machine
+type): the saved blocks go over N multifd channels (any count and method the destination is set
+to), in the dialect the machine type expects (``dialect.py``: the sync, where zero pages go),
+then the saved device state.
 
 Directory layout::
 
@@ -26,6 +28,7 @@ from typing import Any
 
 from . import mainstream as ms
 from .destination import Accept, Destination, open_destination
+from .dialect import resolve as resolve_dialect
 from .errors import ConfigError, MultiFDError
 from .files import FileBlock
 from .options import QEMU_SAVE_DEFAULTS, DestinationOptions, SourceOptions
@@ -208,9 +211,22 @@ async def qemu_restore(
     """Send a snapshot to a QEMU destination waiting with ``-incoming``.
 
     ``options`` and keywords as for :func:`open_source`; the machine type, uuid, RAM section id
-    and device state come from the snapshot."""
+    and device state come from the snapshot. The stream's dialect (the sync, where zero pages
+    go) is the one the machine type expects on the destination (``dialect.resolve``), changed by
+    ``zero_page_detection`` / ``multifd_flush_after_each_section``; one it cannot serve raises
+    ConfigError before connecting."""
     d = Path(directory)
     manifest = load_manifest(d, verify=verify)
+    opts = SourceOptions.build(
+        options,
+        **changes,
+        uuid=manifest.get("uuid"),
+        machine_type=manifest["machine-type"],
+        section_id=int(manifest.get("ram-section-id") or SourceOptions.section_id),
+    )
+    # the destination runs the manifest's machine type (QEMU checks it): its dialect, or a
+    # refusal before anything connects
+    resolve_dialect(opts, qemu=True)
     page_size = int(manifest.get("page-size", 4096))
     blocks: list[FileBlock] = []
     try:
@@ -222,16 +238,7 @@ async def qemu_restore(
         if not blocks:
             raise ConfigError(f"{d}: the snapshot has no RAM blocks")
         device_state = (d / manifest["device-state"]["file"]).read_bytes()
-        async with open_source(
-            blocks,
-            connect,
-            options,
-            **changes,
-            uuid=manifest.get("uuid"),
-            machine_type=manifest["machine-type"],
-            section_id=int(manifest.get("ram-section-id") or SourceOptions.section_id),
-            device_state=device_state,
-        ) as src:
+        async with open_source(blocks, connect, opts, device_state=device_state) as src:
             return await src.complete()
     finally:
         for block in blocks:

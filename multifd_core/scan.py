@@ -27,6 +27,11 @@ Indexes = np.ndarray[Any, np.dtype[np.int64]]
 Window = tuple[int, int, Indexes, Indexes]
 
 
+def _dirty(bitmap: bytearray, start: int, stop: int) -> Indexes:
+    """The dirty pages of ``[start, stop)``, from ``start``."""
+    return np.flatnonzero(np.frombuffer(bitmap, dtype=np.uint8, count=stop - start, offset=start))
+
+
 def classify(
     words: np.ndarray[Any, np.dtype[np.uint64]],
     bitmap: bytearray,
@@ -38,7 +43,7 @@ def classify(
 
     ``extents`` (RAMBlock.data_extents): the page ranges that may hold data; the pages outside
     them are zero and are not read. None: every page is read."""
-    dirty = np.flatnonzero(np.frombuffer(bitmap, dtype=np.uint8, count=stop - start, offset=start))
+    dirty = _dirty(bitmap, start, stop)
     if not len(dirty):
         return dirty, dirty
     if extents is None:
@@ -64,8 +69,14 @@ def classify_block(
     bitmap: bytearray,
     start: int,
     stop: int,
+    detect_zero: bool = True,
 ) -> tuple[Indexes, Indexes]:
-    """``classify`` a window of ``block``, skipping the pages its file has no data for."""
+    """``classify`` a window of ``block``, skipping the pages its file has no data for.
+    ``detect_zero`` False: no page is read, every dirty page is normal (QEMU's
+    zero-page-detection=none)."""
+    if not detect_zero:
+        dirty = _dirty(bitmap, start, stop) + start
+        return dirty, dirty[:0]
     return classify(words, bitmap, start, stop, block.data_extents(start, stop))
 
 
@@ -74,11 +85,14 @@ async def produce_windows(
     bitmap: bytearray,
     send: trio.MemorySendChannel[Window],
     window: int = WINDOW,
+    *,
+    detect_zero: bool = True,
 ) -> None:
     """Send (start, stop, normal, zero) for ``block``'s dirty pages on ``send``, window by window,
     in order, then close it. Run it as a task beside the consumer: with a channel buffer of
     ``AHEAD``, it classifies the next window in a worker thread while the consumer sends the
     current one. ``bitmap`` must not change meanwhile (the round's, from ``sync_dirty_bitmap``).
+    ``detect_zero`` False: no page is tested, all are normal.
     """
     words = block.page_words()
     async with send:
@@ -87,9 +101,16 @@ async def produce_windows(
             if bitmap.find(1, start, stop) < 0:
                 continue  # nothing dirty here: not worth a thread
             normal, zero = await trio.to_thread.run_sync(
-                classify_block, block, words, bitmap, start, stop
+                classify_block, block, words, bitmap, start, stop, detect_zero
             )
             await send.send((start, stop, normal, zero))
 
 
-__all__ = ["AHEAD", "WINDOW", "Window", "classify", "classify_block", "produce_windows"]
+__all__ = [
+    "AHEAD",
+    "WINDOW",
+    "Window",
+    "classify",
+    "classify_block",
+    "produce_windows",
+]

@@ -9,7 +9,7 @@ idle channel and gives it a job. Owning an idle id is owning that channel until 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -22,12 +22,14 @@ from .wire import MULTIFD_FLAG_SYNC, MultiFDPacket
 
 @dataclass(slots=True)
 class SendJob:
-    """One packet to write: pages of one block (maybe none), its flags and number."""
+    """One packet to write: pages of one block (maybe none), its flags and number; ``zeros``:
+    the zero pages it lists after the normal ones (zero-page-detection=multifd)."""
 
     block: RAMBlock | None
     offsets: list[int]
     flags: int
     packet_num: int
+    zeros: list[int] = field(default_factory=list)
 
 
 _QUIT = None
@@ -81,10 +83,12 @@ class MultiFDSendChannel:
         npages = len(job.offsets)
         flags = job.flags
         name = ""
-        if npages:
+        if npages or job.zeros:
             assert job.block is not None
             name = job.block.name
             flags |= self.method.flags
+        if npages:
+            assert job.block is not None
             pages = job.block.page_runs(job.offsets)
             if self.method.raw_payload:
                 payload = pages
@@ -102,12 +106,14 @@ class MultiFDSendChannel:
             next_packet_size=size,
             packet_num=job.packet_num,
             ramblock=name,
-            offsets=job.offsets,
+            offsets=job.offsets + job.zeros,
+            zero_pages=len(job.zeros),
         ).encode(self.header_pages, zero_pages_field=self.zero_pages_field)
         await self.io.send_parts([header, *payload])
         self.stats.packet(
             self.cstats,
             normal_pages=npages,
+            zero_pages=len(job.zeros),
             header_bytes=len(header),
             payload_bytes=size,
             sync=bool(flags & MULTIFD_FLAG_SYNC),
@@ -124,6 +130,7 @@ class MultiFDSendState:
         self.packet_num = 0
         self.block: RAMBlock | None = None
         self.offsets: list[int] = []
+        self.zeros: list[int] = []
 
     def start(self, nursery: trio.Nursery) -> None:
         for ch in self.channels:
@@ -137,24 +144,28 @@ class MultiFDSendState:
             await self.send_pages()
             self.block = block
 
-    async def queue_pages(self, offsets: list[int]) -> None:
+    async def queue_pages(self, offsets: list[int], *, zero: bool = False) -> None:
         """Queue pages of the current block in order, handing each packet to a channel as soon
-        as it is full (QEMU: multifd_queue_page in a loop)."""
+        as it is full (QEMU: multifd_queue_page in a loop). ``zero``: pages known to be zero,
+        listed in the packets' zero-page list (they share a packet's room with normal pages)."""
         ppp = self.pages_per_packet
+        queue = self.zeros if zero else self.offsets
         i = 0
         while i < len(offsets):
-            room = ppp - len(self.offsets)
-            self.offsets.extend(offsets[i : i + room])
+            room = ppp - len(self.offsets) - len(self.zeros)
+            queue.extend(offsets[i : i + room])
             i += room
-            if len(self.offsets) >= ppp:
+            if len(self.offsets) + len(self.zeros) >= ppp:
                 await self.send_pages()
+                queue = self.zeros if zero else self.offsets
 
     async def send_pages(self) -> None:
         """Give the queued pages to the next idle channel (QEMU: multifd_send_pages)."""
-        if not self.offsets:
+        if not self.offsets and not self.zeros:
             return
-        job = SendJob(self.block, self.offsets, 0, self._next_packet_num())
+        job = SendJob(self.block, self.offsets, 0, self._next_packet_num(), self.zeros)
         self.offsets = []
+        self.zeros = []
         cid = await self.idle_recv.receive()
         await self.channels[cid].jobs_send.send(job)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import trio
 
+from . import dialect as _dialect
 from . import mainstream as ms
 from . import scan
 from .boundary import library_errors
@@ -46,6 +48,7 @@ class Source:
             raise ConfigError("all blocks of a migration must have the same page size")
         self.blocks = list(blocks)
         self.options = options
+        self.dialect = _dialect.resolve(options)
         self.connect = connect
         self.num_channels = options.channels
         self.method: MultiFDMethod = options.resolve_method()
@@ -98,6 +101,7 @@ class Source:
                     self.pages_per_packet,
                     self.stats,
                     self.limiter,
+                    zero_pages_field=self.dialect.zero_pages_in_packets,
                 )
             )
         self.state = MultiFDSendState(chans, self.pages_per_packet)
@@ -109,9 +113,17 @@ class Source:
         await self._flush_main()
         for b in self.blocks:
             b.mark_all_dirty()  # the first round sends every page
-        await self.state.send_sync_main()  # the setup's sync: not a round
+        await self._sync()  # the setup's sync: not a round
         w.eos()
         await self._flush_main()
+
+    async def _sync(self) -> None:
+        """SYNC packets on every channel, then (per-round dialect) the MULTIFD_FLUSH record
+        that makes the destination wait for them; otherwise the EOS that follows does."""
+        assert self.state is not None
+        await self.state.send_sync_main()
+        if not self.dialect.flush_after_each_section:
+            self.writer.multifd_flush()
 
     async def _send_main(self, data: bytes) -> None:
         assert self.main is not None
@@ -162,29 +174,29 @@ class Source:
         nursery.start_soon(trio.to_thread.run_sync, block.release, pages[0] * ps, pages[1] * ps)
 
     async def _send_block(self, block: RAMBlock) -> int:
-        """Queue the dirty pages of ``block``: zero records on the main channel, the others in
-        packets. Returns the number of pages."""
+        """Queue the dirty pages of ``block`` in packets, its zero pages as the dialect says
+        (zero records on the main channel, the packets' zero-page list, or normal pages).
+        Returns the number of pages."""
         state = self.state
         assert state is not None
-        w = self.writer
         await state.set_block(block)  # QEMU cuts a packet when the block changes
         bitmap = block.sync_dirty_bitmap()
         ps = block.page_size
+        detect = self.dialect.detect_zero
         sent = 0
         # no per-page Python: a worker thread classifies the next window of dirty pages (numpy)
         # while this one's zero records are written and its packets sent
         windows_send, windows = trio.open_memory_channel[scan.Window](scan.AHEAD)
         done: tuple[int, int] | None = None
         async with trio.open_nursery() as scanning, windows:
-            scanning.start_soon(scan.produce_windows, block, bitmap, windows_send)
+            scanning.start_soon(
+                partial(scan.produce_windows, detect_zero=detect), block, bitmap, windows_send
+            )
             async for start, stop, normal, zero in windows:
-                if len(zero):
-                    w.zero_pages(block.name, zero * ps)
-                    self.stats.add_zero_pages(len(zero))
-                    if w.pending() >= MAIN_FLUSH_BYTES:
-                        await self._flush_main()
                 sent += len(zero) + len(normal)
                 await state.queue_pages((normal * ps).tolist())
+                if len(zero):
+                    await self._send_zero(block, zero * ps)
                 if done is not None:  # the window before is on its way: let it go
                     self._release(scanning, block, done)
                 done = (start, stop)
@@ -192,9 +204,19 @@ class Source:
                 self._release(scanning, block, done)
         return sent
 
+    async def _send_zero(self, block: RAMBlock, offsets: scan.Indexes) -> None:
+        """Zero pages of ``block``: in the packets' zero-page list, or as zero records."""
+        if self.dialect.zero_pages_in_packets:
+            assert self.state is not None
+            await self.state.queue_pages(offsets.tolist(), zero=True)
+            return  # counted as their packets are sent
+        w = self.writer
+        w.zero_pages(block.name, offsets)
+        self.stats.add_zero_pages(len(offsets))
+        if w.pending() >= MAIN_FLUSH_BYTES:
+            await self._flush_main()
+
     async def _send_dirty(self, last: bool) -> int:
-        state = self.state
-        assert state is not None
         w = self.writer
         if last:
             w.section_end()
@@ -203,7 +225,7 @@ class Source:
         sent = 0
         for block in self.blocks:
             sent += await self._send_block(block)
-        await state.send_sync_main()
+        await self._sync()
         w.eos()
         device_state = self.options.device_state
         if last and device_state is None:

@@ -23,7 +23,7 @@ from ..transport import (
 from .parser import parse_options
 
 #: Options only some commands have: argparse's name -> the engine's option, per end.
-_SOURCE_ONLY = {"uuid": "uuid"}
+_SOURCE_ONLY = {"uuid": "uuid", "zero_page_detection": "zero_page_detection"}
 _DESTINATION_ONLY = {
     "uuid": "uuid",
     "timeout": "connect_timeout",

@@ -12,8 +12,10 @@ from ..options import (
     DEFAULT_MAX_TOTAL_BYTES,
     QEMU_SAVE_DEFAULTS,
     RECV_DEFAULTS,
+    ZERO_PAGE_DETECTION,
     DestinationOptions,
     EndOptions,
+    SourceOptions,
 )
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -145,6 +147,18 @@ def _tls_options(p: argparse.ArgumentParser, *, server: bool) -> None:
         g.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
 
 
+def _zero_pages(p: argparse.ArgumentParser) -> None:
+    """--zero-page-detection, for the commands that send (QEMU's zero-page-detection)."""
+    p.add_argument(
+        "--zero-page-detection",
+        choices=ZERO_PAGE_DETECTION,
+        default=SourceOptions.zero_page_detection,
+        help="zero pages as main-stream records (legacy, QEMU 7.2), in the packets' zero-page "
+        "list (multifd, QEMU 9.0+) or sent whole (none); default: QEMU's for the machine type "
+        "(legacy up to 8.2, multifd after)",
+    )
+
+
 def _listening(p: argparse.ArgumentParser, *, timeout: float, waits_for: str) -> None:
     """The options of a receiving end (recv, qemu-save)."""
     p.add_argument("--listen", type=parse_address, required=True, metavar="HOST:PORT")
@@ -168,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=parse_size, default=parse_size("256M"))
     p.add_argument("--rounds", type=int, default=3, help="precopy rounds (default 3)")
     p.add_argument("--seed", type=int, default=0)
+    _zero_pages(p)
 
     p = sub.add_parser("send", help="migrate files (one block each) to a `multifd recv`")
     _common(p)
@@ -175,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uuid", default=None)
     p.add_argument("files", nargs="+")
     _tls_options(p, server=False)
+    _zero_pages(p)
 
     p = sub.add_parser("recv", help="receive files from a `multifd send`")
     _common(p)
@@ -209,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check every file's sha256 against the manifest first (default on)",
     )
     _tls_options(p, server=False)
+    _zero_pages(p)
 
     p = sub.add_parser("plugins", help="list the installed compression methods")
     p.add_argument("--json", action="store_true")

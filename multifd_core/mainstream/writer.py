@@ -1,4 +1,5 @@
-"""The main stream's bytes, as a QEMU 7.2 source with multifd writes them."""
+"""The main stream's bytes, as a QEMU source with multifd writes them (7.2; newer machine
+types add the MULTIFD_FLUSH record, :meth:`MainStreamWriter.multifd_flush`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .constants import (
     RAM_INSTANCE_ID,
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
     RAM_SAVE_FLAG_PAGE,
     RAM_SAVE_FLAG_ZERO,
     RAM_VERSION_ID,
@@ -164,6 +166,13 @@ class MainStreamWriter:
         self._buf += EOS_RECORD
         self._buf += SECTION.pack(QEMU_VM_SECTION_FOOTER, self.section_id)
         self._in_section = False
+
+    def multifd_flush(self) -> None:
+        """RAM_SAVE_FLAG_MULTIFD_FLUSH (QEMU 8.1+ machine types): the destination syncs its
+        channels here, after the SYNC packets of a round, instead of at each EOS."""
+        if not self._in_section:
+            raise ConfigError("multifd flush outside a RAM section")
+        self._buf += BE64.pack(RAM_SAVE_FLAG_MULTIFD_FLUSH)
 
     def eof(self) -> None:
         """QEMU_VM_EOF: the end of the stream (after the RAM END section)."""

@@ -105,6 +105,7 @@ def _model(
         max_pages=pages_per_packet(PS),
         compression=method.value,
         payload_size=method.payload_size,
+        zero_pages_field=True,  # as the destination reads them (DestinationOptions default)
     )
     sizes = dict(blocks)
     for cid, data in by_id.items():
@@ -193,6 +194,25 @@ def _final(writes: _Writes) -> dict[tuple[str, int], set[bytes]]:
     return final
 
 
+def _check_order(cid: int, syncs: int, rounds: int, racy: list[str]) -> None:
+    """Pages of a packet after ``syncs`` SYNCs of the channel: invalid past the last round,
+    racy (the order the destination lands them in is not fixed) at either end."""
+    if syncs > rounds:
+        raise _Invalid(f"channel {cid}: pages after the last round")
+    if syncs == rounds:
+        racy.append(f"channel {cid}: pages after its last needed SYNC")
+    if syncs == 0:
+        racy.append(f"channel {cid}: pages before its first SYNC")
+
+
+def _decoded(payload: memoryview, npages: int, method: MultiFDMethod, ctx: Any) -> bytes:
+    if method.raw_payload:
+        return bytes(payload)
+    out = bytearray(npages * PS)
+    ctx.recv_pages(payload, [memoryview(out)])
+    return bytes(out)
+
+
 def _model_channel(
     cid: int,
     data: bytes,
@@ -213,27 +233,18 @@ def _model_channel(
             raise _Invalid(f"channel {cid}: short header")
         packet = decode_packet(view[pos : pos + HEADER], rules, sizes)
         pos += HEADER
+        if packet.normal_pages or packet.zero_pages:
+            _check_order(cid, syncs, rounds, racy)
         if packet.normal_pages:
-            if syncs > rounds:
-                raise _Invalid(f"channel {cid}: pages after the last round")
-            if syncs == rounds:
-                racy.append(f"channel {cid}: pages after its last needed SYNC")
-            if syncs == 0:
-                racy.append(f"channel {cid}: pages before its first SYNC")
             n = packet.next_packet_size
             if len(data) - pos < n:
                 raise _Invalid(f"channel {cid}: short payload")
-            payload = view[pos : pos + n]
+            pages = _decoded(view[pos : pos + n], packet.normal_pages, method, ctx)
             pos += n
-            raw = packet.normal_pages * PS
-            if method.raw_payload:
-                pages = bytes(payload)
-            else:
-                out = bytearray(raw)
-                ctx.recv_pages(payload, [memoryview(out)])
-                pages = bytes(out)
             for i, off in enumerate(packet.normal_offsets):
                 _note(writes, (packet.ramblock, off), syncs, source, pages[i * PS : i * PS + PS])
+        for off in packet.zero_offsets:  # zero pages listed in the packet (QEMU 9.0+)
+            _note(writes, (packet.ramblock, off), syncs, source, bytes(PS))
         if packet.sync:
             syncs += 1
     if syncs < rounds:
