@@ -185,3 +185,29 @@ def test_writer_multifd_flush_record() -> None:
     w.eos()
     with pytest.raises(ConfigError, match="multifd flush outside a RAM section"):
         w.multifd_flush()
+
+
+@pytest.mark.parametrize("machine", ["pc-q35-10.0", "pc-i440fx-8.0", "pc-q35-7.2"])
+async def test_our_own_ends_in_each_qemu_dialect(machine: str) -> None:
+    """The machine type picks the dialect (per-round MULTIFD_FLUSH after 8.0, zero pages in
+    packets from 9.0); our destination takes each one over several rounds, into stale blocks,
+    and both ends count the same rounds."""
+    blocks = image_blocks({"pc.ram": 2 << 20}, PAGE, seed=6)
+    stale = [RAMBlock(b.name, bytearray(b"\x55" * b.size), PAGE) for b in blocks]
+    rng = random.Random(6)
+    res = await run_loopback(
+        blocks,
+        transport="tcp",
+        rounds=3,
+        between_rounds=lambda r, _: dirty_blocks(blocks, 40, rng, r),
+        source={"channels": 3, "method": "zstd", "machine_type": machine},
+        destination={"channels": 3, "method": "zstd", "blocks": stale},
+        timeout=TIMEOUT,
+    )
+    same(blocks, res.dst_blocks)
+    assert res.src_stats and res.dst_stats
+    assert res.src_stats.rounds == res.dst_stats.rounds == 3
+    assert res.src_stats.zero_pages == res.dst_stats.zero_pages > 0
+    dialect = resolve(SourceOptions(machine_type=machine))
+    assert dialect.flush_after_each_section == (machine != "pc-q35-10.0")
+    assert dialect.zero_pages_in_packets == (machine == "pc-q35-10.0")
