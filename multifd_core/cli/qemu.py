@@ -9,21 +9,14 @@ from typing import Any
 
 from ..options import QEMU_SAVE_DEFAULTS
 from ..qemu import qemu_restore, qemu_save
-from .ends import (
-    connector,
-    destination_options,
-    source_options,
-    tls_listener,
-    with_tls,
-    write_ready_file,
-)
+from . import ends
 from .output import summary
 
 
 async def cmd_qemu_save(args: argparse.Namespace) -> dict[str, Any]:
-    async with await tls_listener(args, peer_is_qemu=True) as accept:
-        write_ready_file(args, accept)
-        options = destination_options(args, QEMU_SAVE_DEFAULTS)
+    async with await ends.tls_listener(args, peer_is_qemu=True) as accept:
+        ends.write_ready_file(args, accept)
+        options = ends.destination_options(args, QEMU_SAVE_DEFAULTS)
         result = await qemu_save(accept, args.output, options)
     out = result.stats.as_dict()
     out["directory"] = str(result.directory)
@@ -45,8 +38,10 @@ async def cmd_qemu_save(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def cmd_qemu_restore(args: argparse.Namespace) -> dict[str, Any]:
-    connect = with_tls(args, connector(args.connect))
-    stats = await qemu_restore(args.directory, connect, source_options(args), verify=args.verify)
+    connect = ends.with_tls(args, ends.connector(args.connect))
+    stats = await qemu_restore(
+        args.directory, connect, ends.source_options(args), verify=args.verify
+    )
     if not args.json:
         print(summary("qemu-restore", stats))
     return stats.as_dict()
