@@ -5,6 +5,9 @@ A leaf module: everyone may import it, it imports nothing of the package.
 
 from __future__ import annotations
 
+import errno as _errno
+import os as _os
+
 
 class MultiFDError(Exception):
     """Base of every error this library raises."""
@@ -184,3 +187,14 @@ class LimitExceeded(ProtocolError):
 
 class IncompleteMigration(MultiFDError):
     """The migration ended before every block was complete."""
+
+
+class StorageError(MultiFDError):
+    """Writing a receiver's file failed (ENOSPC, EDQUOT, EIO, EROFS, ENAMETOOLONG, ...), or its
+    final name is taken: ``path`` names the file, ``errno`` the error, all in one line."""
+
+    def __init__(self, path: str, err: int, action: str = "write") -> None:
+        code = _errno.errorcode.get(err, str(err))
+        super().__init__(f"cannot {action} {path}: {_os.strerror(err)} ({code})")
+        self.path = path
+        self.errno = err

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ProtocolError
+from .outdir import OutputDir, Temp
 from .ram import RAMBlock
 from .wire import encode_block_name
 
@@ -162,9 +163,13 @@ def _file_sizes(description: Any) -> dict[str, int]:
         return {}
     try:
         sizes = description.get("multifd-files", {})
-        return {str(k): int(v) for k, v in sizes.items()}
+        out = {str(k): v for k, v in sizes.items()}
     except (ValueError, AttributeError, TypeError) as exc:
         raise ProtocolError(f"bad file description after EOF: {exc}") from exc
+    for name, size in out.items():
+        if type(size) is not int:  # not a float, a string or a bool
+            raise ProtocolError(f"bad file description after EOF: size {size!r} of {name!r}")
+    return out
 
 
 # --- block names as file names ------------------------------------------------------------
@@ -261,109 +266,101 @@ def block_name_from_file(file: str) -> str | None:
 #: with a dot, as no block's file does (rule 1 of file_name_for).
 MANIFEST = ".multifd-recv.json"
 MANIFEST_FORMAT = "multifd-recv/1"
-PART = ".part"
-#: a block's temporary name where FILE.part cannot be (N: the block's index)
-SPARE_PART = ".multifd-recv.{}.part"
 
 
 @dataclass
 class _Received:
     """One block of a ReceivedFiles, and its file."""
 
-    index: int
     block: RAMBlock
     file: str  # its name in the directory once the migration completed
-    part: str  # its name until then
+    temp: Temp  # the file until then, under a name of the receiver's own (outdir.py)
+
+    @property
+    def part(self) -> str:
+        return self.temp.name
 
 
 class ReceivedFiles:
     """The files of one ``multifd recv`` in ``directory``: one a block, named by
-    :func:`file_name_for`, under a temporary name until the migration completed.
+    :func:`file_name_for`, made as :class:`OutputDir` makes files (relative to the directory's
+    descriptor, O_EXCL | O_NOFOLLOW, under a temporary name of its own that is never a block's
+    file: those never start with a dot). A block's file that exists already is refused when the
+    block list arrives, before any page, unless ``overwrite``. :meth:`commit` checks the sizes
+    of the description, cuts the files to them, then renames them all and the manifest, last;
+    :meth:`discard` removes every file this run made, and nothing else."""
 
-    The temporary name is ``FILE.part``, or ``.multifd-recv.N.part`` (N: the block's index)
-    where ``FILE.part`` would pass 255 bytes or is another block's file (blocks ``a`` and
-    ``a.part``, in either order): no block's temporary name is ever another's final name.
-    :meth:`commit` cuts the files to their exact sizes, renames them and then writes the
-    manifest; :meth:`discard` removes the temporary files of a failed migration."""
-
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, overwrite: bool = False, fsync: bool = False) -> None:
         self.directory = directory
+        self.out = OutputDir(directory, overwrite=overwrite, fsync=fsync)
         self.received: dict[str, _Received] = {}
+        self.max_size: int | None = None  # --max-size: no file size after EOF beyond it
 
     def block_factory(self, name: str, size: int, page_size: int) -> RAMBlock:
         """The destination's ``block_factory``: a block mapping its temporary file."""
         file = file_name_for(name)
-        self._make_room(name, file)
-        index = len(self.received)
-        part = file + PART
-        if len(part.encode()) > NAME_MAX or any(r.file == part for r in self.received.values()):
-            part = SPARE_PART.format(index)
-        path = self.directory / part
-        try:
-            block = RAMBlock.from_file(name, path, size, page_size, create=True)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)
-            raise
-        self.received[name] = _Received(index, block, file, part)
-        return block
-
-    def _make_room(self, name: str, file: str) -> None:
-        """Refuse a second block for one file; move aside an earlier block's temporary file
-        that has this block's file name (``a.part`` of block ``a``, when block ``a.part``
-        comes after it: a file renamed while open and mapped stays the same file)."""
         for other, got in self.received.items():
             if got.file == file:
                 raise ProtocolError(f"blocks {other!r} and {name!r} would be one file {file!r}")
-            if got.part == file:
-                spare = SPARE_PART.format(got.index)
-                os.rename(self.directory / got.part, self.directory / spare)
-                got.part = spare
+        temp = self.out.create(file)
+        try:
+            fd = os.dup(temp.fd)
+            block = RAMBlock.from_file(
+                name, self.out.label(temp.name), size, page_size, create=True, fd=fd
+            )
+        except BaseException:
+            self.out.drop(temp)
+            self.out.temps.remove(temp)
+            raise
+        self.received[name] = _Received(block, file, temp)
+        return block
 
     def paths(self) -> dict[str, str]:
         """Each block's file, by block name."""
         return {name: str(self.directory / got.file) for name, got in self.received.items()}
 
     def commit(self, description: bytes | None) -> dict[str, Any]:
-        """The migration completed: cut each file to the size the source's ``description``
-        gives (``multifd send`` gives them), rename it to its final name, and write the
-        manifest, last, so that it is there only when every file is. Returns the manifest."""
+        """The migration completed: check every size the source's ``description`` gives
+        (``multifd send`` gives them) before any file changes, cut each file to its size, and
+        rename them all to their final names, the manifest last, so that it is there only when
+        every file is. Returns the manifest."""
         desc = _description(description)
         sizes = _file_sizes(desc)
-        blocks = [_entry(name, got, sizes.get(name)) for name, got in self.received.items()]
+        blocks = [
+            _entry(name, got, sizes.get(name), self.max_size) for name, got in self.received.items()
+        ]
         for got, entry in zip(self.received.values(), blocks, strict=True):
             got.block.close()
-            part = self.directory / got.part
             if entry["size"] != entry["block-size"]:
-                os.truncate(part, entry["size"])
-            os.replace(part, self.directory / got.file)
+                self.out.truncate(got.temp, entry["size"])
         manifest = {
             "format": MANIFEST_FORMAT,
             "file-names": FILE_NAMES,
             "blocks": blocks,
             "description": desc,
         }
-        tmp = self.directory / (MANIFEST + PART)
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, self.directory / MANIFEST)
+        self.out.write(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        self.out.commit()
+        self.out.close()
         return manifest
 
     def discard(self) -> None:
-        """The migration failed: remove every temporary file."""
+        """The migration failed: remove every file this run made."""
         for got in self.received.values():
             # the error on its way out may still hold views of the mapping (frames of the
             # channel tasks): then the mmap stays open until exit, but the file must go
-            with contextlib.suppress(BufferError):
+            with contextlib.suppress(BufferError, ValueError):
                 got.block.close()
-            (self.directory / got.part).unlink(missing_ok=True)
+        self.out.discard()
+        self.out.close()
 
 
-def _entry(name: str, got: _Received, size: int | None) -> dict[str, Any]:
+def _entry(name: str, got: _Received, size: int | None, limit: int | None) -> dict[str, Any]:
     """A block's line in the manifest; ``size`` is its file's size from the description."""
     block_size = got.block.size
     if size is None:
         size = block_size
-    elif not 0 < size <= block_size:
+    elif not 0 < size <= block_size or (limit is not None and size > limit):
         raise ProtocolError(
             f"the source gives block {name!r} of {block_size} bytes a file size of {size}"
         )

@@ -11,6 +11,10 @@ Four ways in:
   pages of a packet (QEMU 9's ``zero-page-detection=multifd``: ``zero_fill``, batched);
 - whole pages carried in the main stream (``put_page``).
 
+A block with a file is only ever written with pwrite, never through its shared mapping: a
+full file system makes pwrite fail with ENOSPC (a :class:`StorageError` naming the file), a
+store into the mapping a SIGBUS that kills the process.
+
 The bookkeeping: a block made ``known_zero`` tracks which pages were written (``RAMBlock.written``)
 so that a zero record for a page never written costs nothing (testing it would fault it in). The
 rule, found by the fuzzer: **a page counts as written only after its bytes landed**. Noted before
@@ -21,6 +25,7 @@ every path marks pages after their bytes are in place, in this module only.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +34,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from .errors import ProtocolError
+from .errors import ProtocolError, StorageError
 from .methods import MultiFDMethod, RecvContext
 from .ram import RAMBlock, nonzero_rows, zero_page
 from .transport import ChannelIO
@@ -60,6 +65,35 @@ def mark_written(block: RAMBlock, offsets: Sequence[int]) -> None:
             written[off // ps] = 1
 
 
+def _pwrite(fd: int, view: memoryview | bytes, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _storage_error(fd: int, exc: OSError) -> StorageError:
+    """A failed write to a block's file, naming the file (through /proc: the block knows only
+    its descriptor)."""
+    try:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        path = f"file descriptor {fd}"
+    return StorageError(path, exc.errno or errno.EIO)
+
+
+def write_page(block: RAMBlock, offset: int, data: bytes) -> None:
+    """One page's bytes into the block: pwrite for a block with a file (never through its
+    shared mapping: on a full file system that is a SIGBUS, pwrite an ENOSPC), else a copy."""
+    fd = block.fd
+    if fd is None:
+        block.host[offset : offset + block.page_size] = data
+        return
+    try:
+        _pwrite(fd, data, offset)
+    except OSError as exc:
+        raise _storage_error(fd, exc) from None
+
+
 def fill_page(block: RAMBlock, offset: int, fill: int = 0) -> None:
     """Make the page hold ``fill`` bytes (QEMU's ram_handle_compressed): a page already zero
     is left untouched, so fresh anonymous memory is not faulted in."""
@@ -68,12 +102,12 @@ def fill_page(block: RAMBlock, offset: int, fill: int = 0) -> None:
     if fill == 0:
         if written is not None:
             if written[offset // ps]:
-                block.host[offset : offset + ps] = zero_page(ps)
+                write_page(block, offset, zero_page(ps))
                 written[offset // ps] = 0
         elif not block.is_zero_page(offset):
-            block.host[offset : offset + ps] = zero_page(ps)
+            write_page(block, offset, zero_page(ps))
     else:
-        block.host[offset : offset + ps] = bytes((fill,)) * ps
+        write_page(block, offset, bytes((fill,)) * ps)
         mark_written(block, (offset,))
 
 
@@ -93,12 +127,17 @@ def fill_pages(block: RAMBlock, offsets: np.ndarray[Any, Any], fills: np.ndarray
         written[dirty] = 0
         del written
         for off in (dirty * ps).tolist():
-            block.host[off : off + ps] = zero_page(ps)
+            write_page(block, off, zero_page(ps))
         return
     words = block.page_words()
     for i in range(0, len(idx), FILL_CHUNK):  # test a copy of at most FILL_CHUNK pages
         chunk = idx[i : i + FILL_CHUNK]
-        words[chunk[nonzero_rows(words[chunk])]] = 0
+        nonzero = chunk[nonzero_rows(words[chunk])]
+        if block.fd is None:
+            words[nonzero] = 0
+            continue
+        for page in nonzero.tolist():  # a file's pages: pwrite (see write_page)
+            write_page(block, page * ps, zero_page(ps))
 
 
 def zero_fill(block: RAMBlock, offsets: Sequence[int]) -> None:
@@ -111,7 +150,7 @@ def zero_fill(block: RAMBlock, offsets: Sequence[int]) -> None:
 
 def put_page(block: RAMBlock, offset: int, data: bytes) -> None:
     """A whole page carried in the main stream."""
-    block.host[offset : offset + block.page_size] = data
+    write_page(block, offset, data)
     mark_written(block, (offset,))
 
 
@@ -123,9 +162,10 @@ def write_spans(block: RAMBlock, spans: Spans, views: Sequence[memoryview]) -> N
         if fd is None:
             block.host[start:end] = view
             continue
-        done = 0
-        while done < end - start:
-            done += os.pwrite(fd, view[done:], start + done)
+        try:
+            _pwrite(fd, view[: end - start], start)
+        except OSError as exc:
+            raise _storage_error(fd, exc) from None
 
 
 # --- a packet's pages, on one channel ------------------------------------------------------
@@ -238,6 +278,7 @@ __all__ = [
     "fill_pages",
     "mark_written",
     "put_page",
+    "write_page",
     "write_spans",
     "zero_fill",
 ]

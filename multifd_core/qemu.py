@@ -18,11 +18,13 @@ Directory layout::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid as _uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from .dialect import resolve as resolve_dialect
 from .errors import ConfigError, MultiFDError
 from .files import FileBlock
 from .options import QEMU_SAVE_DEFAULTS, DestinationOptions, SourceOptions
+from .outdir import OutputDir, Temp
 from .ram import RAMBlock
 from .source import open_source
 from .stats import MigrationStats
@@ -51,15 +54,26 @@ HASH_CHUNK = 1 << 20
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The file's sha256, read a chunk at a time into one buffer. Not through a mapping: a
-    read fault on a hole of a tmpfs file allocates a zeroed page, so hashing a sparse 1 GiB
-    snapshot that way cost 1 GiB of memory and ~0.7 s of page clearing (measured)."""
+    """The file's sha256 (see :func:`sha256_fd`)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return sha256_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_fd(fd: int) -> str:
+    """The sha256 of the file open at ``fd``, read from its start a chunk at a time into one
+    buffer. Not through a mapping: a read fault on a hole of a tmpfs file allocates a zeroed
+    page, so hashing a sparse 1 GiB snapshot that way cost 1 GiB of memory and ~0.7 s of page
+    clearing (measured)."""
     h = hashlib.sha256()
     buf = bytearray(HASH_CHUNK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
+    pos = 0
+    while n := os.preadv(fd, [buf], pos):
+        h.update(view[:n])
+        pos += n
     return h.hexdigest()
 
 
@@ -78,75 +92,86 @@ async def qemu_save(
     accept: Accept,
     directory: str | os.PathLike[str],
     options: DestinationOptions | None = None,
+    *,
+    overwrite: bool = False,
+    fsync: bool = False,
     **changes: Any,
 ) -> SaveResult:
     """Receive one migration from a QEMU source into ``directory``.
 
     ``options`` default to :data:`QEMU_SAVE_DEFAULTS` (a destination that waits for a person
-    to start QEMU's migration); keywords change single fields."""
+    to start QEMU's migration); keywords change single fields. Every file is made as
+    :class:`~multifd_core.outdir.OutputDir` makes them (no symlink followed, temporary names
+    of its own, renamed into place only once everything is written; on any failure none is
+    left); a snapshot's file name that exists already is refused unless ``overwrite``;
+    ``fsync`` also syncs the directory after the renames."""
     # every QEMU writes zero_pages (bytes 32..35 of a packet), 7.2 as zeros (its unused[])
     opts = DestinationOptions.build(options or QEMU_SAVE_DEFAULTS, **changes)
     opts = DestinationOptions.build(opts, zero_page_packets=True)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    made: list[tuple[str, RAMBlock, Path]] = []
-
-    def factory(name: str, size: int, page_size: int) -> RAMBlock:
-        path = out / (block_file_name(len(made)) + ".part")
-        block = RAMBlock.from_file(name, path, size, page_size, create=True)
-        made.append((name, block, path))
-        return block
-
-    ok = False
+    out = OutputDir(directory, overwrite=overwrite, fsync=fsync)
+    made: list[tuple[str, RAMBlock, Temp]] = []
     try:
+        for name in (DEVICE_STATE, MANIFEST):  # refused before QEMU connects
+            out.claim(name)
+
+        def factory(name: str, size: int, page_size: int) -> RAMBlock:
+            temp = out.create(block_file_name(len(made)))
+            label = out.label(temp.name)
+            block = RAMBlock.from_file(name, label, size, page_size, fd=os.dup(temp.fd))
+            made.append((name, block, temp))
+            return block
+
         async with open_destination(accept, opts, block_factory=factory) as dst:
             stats = await dst.wait()
         blocks = []
-        for index, (name, block, part) in enumerate(made):
+        for name, block, temp in made:
             block.close()
-            final = out / block_file_name(index)
-            os.replace(part, final)
-            blocks.append(
-                {
-                    "name": name,
-                    "size": block.size,
-                    "file": final.name,
-                    "sha256": sha256_file(final),
-                }
-            )
+            digest = out.call(temp.name, "read", partial(sha256_fd, temp.fd))
+            blocks.append({"name": name, "size": block.size, "file": temp.final, "sha256": digest})
         device = b"".join(dst.device_state)
-        (out / DEVICE_STATE).write_bytes(device)
-        source_uuid = dst.source_uuid or bytes(16)
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "machine-type": dst.machine_type,
-            "uuid": str(_uuid.UUID(bytes=source_uuid)),
-            "channels": opts.channels,
-            "compression": dst.method.name,
-            "page-size": dst.page_size,
-            "ram-section-id": dst.ram_section_id,
-            "configuration": _jsonable(dst.configuration.subsections if dst.configuration else {}),
-            "stream": stream_dialect(dst, stats),
-            "blocks": blocks,
-            "device-state": {
-                "file": DEVICE_STATE,
-                "size": len(device),
-                "sha256": hashlib.sha256(device).hexdigest(),
-            },
-            "stats": stats.as_dict(),
-        }
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        ok = True
+        out.write(DEVICE_STATE, device)
+        manifest = _manifest(dst, stats, opts, blocks, device)
+        out.write(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        out.commit()
+    except BaseException:
+        for _, block, _ in made:
+            # views of a failed migration's mapping may still be held (its frames): then the
+            # mapping stays until exit, but the file goes
+            with contextlib.suppress(BufferError, ValueError):
+                block.close()
+        out.discard()
+        raise
     finally:
-        if not ok:
-            for _, block, part in made:
-                if block.host.nbytes:
-                    try:
-                        block.close()
-                    except ValueError:
-                        pass
-                part.unlink(missing_ok=True)
-    return SaveResult(out, stats, manifest)
+        out.close()
+    return SaveResult(out.path, stats, manifest)
+
+
+def _manifest(
+    dst: Destination,
+    stats: MigrationStats,
+    opts: DestinationOptions,
+    blocks: list[dict[str, Any]],
+    device: bytes,
+) -> dict[str, Any]:
+    source_uuid = dst.source_uuid or bytes(16)
+    return {
+        "format": FORMAT,
+        "machine-type": dst.machine_type,
+        "uuid": str(_uuid.UUID(bytes=source_uuid)),
+        "channels": opts.channels,
+        "compression": dst.method.name,
+        "page-size": dst.page_size,
+        "ram-section-id": dst.ram_section_id,
+        "configuration": _jsonable(dst.configuration.subsections if dst.configuration else {}),
+        "stream": stream_dialect(dst, stats),
+        "blocks": blocks,
+        "device-state": {
+            "file": DEVICE_STATE,
+            "size": len(device),
+            "sha256": hashlib.sha256(device).hexdigest(),
+        },
+        "stats": stats.as_dict(),
+    }
 
 
 def stream_dialect(dst: Destination, stats: MigrationStats) -> dict[str, Any]:

@@ -102,10 +102,17 @@ class RAMBlock:
         page_size: int = 4096,
         *,
         create: bool = False,
+        fd: int | None = None,
     ) -> RAMBlock:
-        """A block backed by a shared mapping of a file (created/resized to ``size`` if given)."""
-        flags = os.O_RDWR | (os.O_CREAT if create else 0)
-        fd = os.open(path, flags, 0o644)
+        """A block backed by a shared mapping of a file (created/resized to ``size`` if given).
+
+        ``fd``: the file, already open for reading and writing (``path`` then only names it in
+        messages); the block owns it from here on, closed also when this fails. A destination
+        writes such a block with pwrite only (landing.py), never through the mapping: a write
+        to a shared mapping of a file whose blocks a full file system cannot give is a SIGBUS.
+        """
+        if fd is None:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
         try:
             was_empty = os.fstat(fd).st_size == 0
             if size is not None:

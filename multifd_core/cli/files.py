@@ -49,11 +49,11 @@ async def cmd_send(args: argparse.Namespace) -> dict[str, Any]:
 
 async def cmd_recv(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    received = ReceivedFiles(out_dir)
-    accept = await tls_listener(args)
+    received = ReceivedFiles(out_dir, overwrite=args.overwrite, fsync=args.fsync)
+    received.max_size = args.max_size
     ok = False
     try:
+        accept = await tls_listener(args)
         async with accept:
             write_ready_file(args, accept)
             async with open_destination(

@@ -168,6 +168,17 @@ def _listening(p: argparse.ArgumentParser, *, timeout: float, waits_for: str) ->
         "--timeout", type=float, default=timeout, help=f"seconds to wait for {waits_for}"
     )
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files of DIR that have a final name of this migration (default: refuse "
+        "before any data moves)",
+    )
+    p.add_argument(
+        "--fsync",
+        action="store_true",
+        help="also fsync DIR after the renames (every file is fsynced before its rename)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
