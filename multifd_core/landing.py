@@ -13,7 +13,10 @@ Four ways in:
 
 A block with a file is only ever written with pwrite, never through its shared mapping: a
 full file system makes pwrite fail with ENOSPC (a :class:`StorageError` naming the file), a
-store into the mapping a SIGBUS that kills the process.
+store into the mapping a SIGBUS that kills the process. Reserving each file's blocks up front
+with posix_fallocate instead would cost the whole block in the file system for a sparse guest
+(256 MiB of tmpfs and ~50 ms for a 256 MiB block, measured), where a page's pwrite costs
+~2.3 us against ~2.9 us for a store that faults the page into the mapping (tmpfs, measured).
 
 The bookkeeping: a block made ``known_zero`` tracks which pages were written (``RAMBlock.written``)
 so that a zero record for a page never written costs nothing (testing it would fault it in). The
