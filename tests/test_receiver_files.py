@@ -360,3 +360,16 @@ def test_qemu_save_of_a_real_qemu_never_follows_a_symlinked_image(tmp_path: Path
     line = one_line(res, "qemu-save")
     assert "block-00.img" in line and "EEXIST" in line, line
     assert names(snap) == ["block-00.img"] and victim.read_bytes() == OUTSIDE
+
+
+def test_a_final_name_made_meanwhile_is_still_never_replaced(tmp_path: Path) -> None:
+    """``DIR/x`` made by someone else after block ``x`` was announced: the rename does not
+    replace it (renameat2 RENAME_NOREPLACE), the run's files go, the other file stays."""
+    out = ReceivedFiles(tmp_path)
+    out.block_factory("y", PS, PS).close()
+    out.block_factory("x", PS, PS).close()
+    (tmp_path / "x").write_bytes(OUTSIDE)
+    with pytest.raises(StorageError, match="EEXIST"):
+        out.commit(None)
+    out.discard()
+    assert names(tmp_path) == ["x"] and (tmp_path / "x").read_bytes() == OUTSIDE
