@@ -373,3 +373,19 @@ def test_a_final_name_made_meanwhile_is_still_never_replaced(tmp_path: Path) -> 
         out.commit(None)
     out.discard()
     assert names(tmp_path) == ["x"] and (tmp_path / "x").read_bytes() == OUTSIDE
+
+
+def test_qemu_save_command_refuses_an_existing_snapshot_unless_overwrite(tmp_path: Path) -> None:
+    """`multifd qemu-save` refuses a DIR holding a manifest before it listens; with
+    --overwrite --fsync it gets as far as waiting for QEMU (here: its --timeout of 1 s)."""
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / "manifest.json").write_text("the user's\n")
+    argv = ("qemu-save", "--listen", "127.0.0.1:0", "--output", str(snap), "--timeout", "1")
+    refused = run(*argv)
+    assert refused.rc == 1 and "StorageError" in refused.err and "EEXIST" in refused.err
+    assert len(refused.err.strip().splitlines()) == 1, refused.err
+    waited = run(*argv, "--overwrite", "--fsync")
+    assert waited.rc == 1 and "MigrationTimeout" in waited.err, waited.err
+    assert (snap / "manifest.json").read_text() == "the user's\n"  # nothing replaced: no data
+    assert sorted(os.listdir(snap)) == ["manifest.json"]

@@ -17,7 +17,9 @@ async def cmd_qemu_save(args: argparse.Namespace) -> dict[str, Any]:
     async with await ends.tls_listener(args, peer_is_qemu=True) as accept:
         ends.write_ready_file(args, accept)
         options = ends.destination_options(args, QEMU_SAVE_DEFAULTS)
-        result = await qemu_save(accept, args.output, options)
+        result = await qemu_save(
+            accept, args.output, options, overwrite=args.overwrite, fsync=args.fsync
+        )
     out = result.stats.as_dict()
     out["directory"] = str(result.directory)
     out["machine-type"] = result.manifest["machine-type"]
