@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import tempfile
@@ -25,7 +26,7 @@ import pytest
 import trio
 from procs import TIMEOUT, finish, run, spawn
 
-from multifd_core import ConfigError, open_unix_acceptor, unix_connector
+from multifd_core import ConfigError, open_unix_acceptor, tls_acceptor, unix_connector
 
 # --- the library ----------------------------------------------------------------------------
 
@@ -80,6 +81,16 @@ async def test_close_leaves_a_file_that_replaced_the_socket(short_dir: Path) -> 
     await accept.aclose()
     await accept.aclose()  # twice: still nothing removed, no error
     assert path.read_text() == "mine"
+
+
+async def test_tls_around_it_removes_the_socket_file_too(short_dir: Path) -> None:
+    """recv and qemu-save with --tls wrap the unix acceptor: closing that closes it."""
+    path = short_dir / "s"
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    async with tls_acceptor(await open_unix_acceptor(path), context) as accept:
+        assert accept.address == str(path)
+        assert stat.S_ISSOCK(path.lstat().st_mode)
+    assert not os.path.lexists(path)
 
 
 async def test_stale_socket_file_is_replaced(short_dir: Path) -> None:
