@@ -9,16 +9,18 @@ TLS) works through ``send_all`` / ``receive_some``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket as _stdsocket
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 
 from . import tls as _tls
-from .errors import ChannelClosed, ChannelError, TLSError
+from .errors import ChannelClosed, ChannelError, ConfigError, TLSError
 
 Buffer = bytes | bytearray | memoryview
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
@@ -91,15 +93,88 @@ async def open_tcp_acceptor(host: str, port: int = 0, *, backlog: int = 64) -> A
     return Acceptor(listeners[0])
 
 
-async def open_unix_acceptor(path: str | os.PathLike[str], *, backlog: int = 64) -> Acceptor:
+class UnixAcceptor(Acceptor):
+    """An acceptor on a unix socket file it bound: closing it removes that file, but only
+    while the file at ``path`` is still the socket it created (same st_dev and st_ino)."""
+
+    def __init__(
+        self, listener: trio.abc.Listener[trio.abc.Stream], path: str, made: tuple[int, int] | None
+    ) -> None:
+        super().__init__(listener)
+        self.path = path
+        self._made = made  # (st_dev, st_ino) of the socket file; None: nothing to remove
+
+    async def aclose(self) -> None:
+        try:
+            await super().aclose()
+        finally:
+            made, self._made = self._made, None
+            if made is not None and _file_id(self.path) == made:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the socket file at ``path`` (not followed), None if it is none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def _probe(path: str) -> int:
+    """The errno of a non-blocking connect to ``path`` (0: something accepted it)."""
+    with _stdsocket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        return probe.connect_ex(path)
+
+
+def _clear_stale(path: str) -> None:
+    """Make way to bind ``path``: remove a stale socket file there (nobody listens on it: a
+    connect is refused); ConfigError for anything else found there, which is left as it is."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on unix socket {path!r}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"cannot listen on unix socket {path!r}: it exists and is not a socket")
+    err = _probe(path)
+    if err in (0, errno.EAGAIN, errno.EINPROGRESS):  # EAGAIN: its backlog is full
+        raise ConfigError(f"cannot listen on unix socket {path!r}: another process listens on it")
+    if err != errno.ECONNREFUSED:
+        raise ConfigError(
+            f"cannot listen on unix socket {path!r}: cannot tell whether it is in use "
+            f"({os.strerror(err)})"
+        )
+    if _file_id(path) == (st.st_dev, st.st_ino):  # still the stale one
+        os.unlink(path)
+
+
+async def open_unix_acceptor(path: str | os.PathLike[str], *, backlog: int = 64) -> UnixAcceptor:
+    """Listen on the unix socket ``path``, replacing a stale socket file left there (by a
+    process that died without closing); a path where a process listens, or that is not a
+    socket, is refused with ConfigError. Closing the acceptor removes the socket file.
+    A path starting with NUL is Linux's abstract namespace: no file to clear or remove."""
+    where = os.fspath(path)
+    abstract = where.startswith("\0")
+    if not abstract:
+        _clear_stale(where)
     sock = trio.socket.socket(_stdsocket.AF_UNIX, _stdsocket.SOCK_STREAM)
     try:
-        await sock.bind(os.fspath(path))
+        try:
+            await sock.bind(where)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigError(f"cannot listen on unix socket {where!r}: {reason}") from None
+        made = None if abstract else _file_id(where)
         sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
-    return Acceptor(trio.SocketListener(sock))
+    return UnixAcceptor(trio.SocketListener(sock), where, made)
 
 
 class MemoryNetwork:

@@ -13,7 +13,7 @@ import trio
 from ..boundary import library_errors
 from ..errors import ConfigError, MultiFDError
 from ..malloc import tune_malloc
-from .output import failed, print_json
+from .output import failed, logged_to_stderr, print_json
 from .parser import build_parser
 
 #: Each command's module in this package; its handler is ``cmd_<command>`` (``-`` as ``_``),
@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "progress", None) is None and hasattr(args, "progress"):
         args.progress = sys.stderr.isatty()
     try:
-        out = _run(args)
+        with logged_to_stderr(args.command):
+            out = _run(args)
     except (MultiFDError, OSError, KeyboardInterrupt) as exc:
         return failed(args.command, exc)
     if args.json:

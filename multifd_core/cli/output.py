@@ -1,17 +1,34 @@
-"""What the commands print: the human summary, ``--json``, the progress bar, errors."""
+"""What the commands print: the human summary, ``--json``, the progress bar, errors.
+
+Text from the peer (block and file names, the machine type, error messages quoting its bytes)
+reaches the terminal only through :func:`shown`: one error is one line, and a peer cannot move
+the cursor, retitle the window or reorder the line with escape sequences or bidi controls.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import trio
 
 from ..errors import MultiFDError
 from ..stats import MigrationStats
+
+
+def shown(text: object) -> str:
+    """``text`` as it may reach a terminal: every character that is not printable (C0 and C1
+    controls, DEL, newlines, bidi and other format characters, lone surrogates of undecodable
+    bytes, unassigned code points) escaped as ``repr`` would (``\\x1b``, ``\\n``, ``\\u202e``),
+    printable Unicode kept as is. Backslashes are kept too, so a ``repr`` passes unchanged."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def human(n: float) -> str:
@@ -27,7 +44,7 @@ class Progress:
 
     def __init__(self, enabled: bool, label: str) -> None:
         self.enabled = enabled
-        self.label = label
+        self.label = shown(label)
         self.shown = False
 
     def show(self, stats: MigrationStats, planned: int) -> None:
@@ -85,11 +102,12 @@ def summary(title: str, stats: MigrationStats, extra: dict[str, Any] | None = No
     ]
     for key, value in (extra or {}).items():
         lines.append(f"  {key:<17} {value}")
-    return "\n".join(lines)
+    return "\n".join(shown(line) for line in lines)  # names, files, machine: the peer's
 
 
 def print_json(out: dict[str, Any]) -> None:
-    """``--json``: the command's result as one JSON object on stdout."""
+    """``--json``: the command's result as one JSON object on stdout (one line: json.dumps
+    escapes every control character, and everything outside ASCII)."""
     print(json.dumps(out))
 
 
@@ -99,5 +117,34 @@ def failed(command: str, exc: BaseException) -> int:
         print(f"multifd {command}: interrupted", file=sys.stderr)
         return 130
     detail = f"{type(exc).__name__}: {exc}" if isinstance(exc, MultiFDError) else str(exc)
-    print(f"multifd {command}: error: {detail}", file=sys.stderr)
+    print(f"multifd {command}: error: {shown(detail)}", file=sys.stderr)
     return 1
+
+
+class _StderrLines(logging.Handler):
+    """The library's warnings as ``multifd COMMAND: warning: ...``, one line each."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(logging.WARNING)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = shown(record.getMessage())
+            sys.stderr.write(f"multifd {self.command}: {record.levelname.lower()}: {line}\n")
+            sys.stderr.flush()
+        except Exception:  # logging's rule: a failed report never fails the program
+            self.handleError(record)
+
+
+@contextmanager
+def logged_to_stderr(command: str) -> Iterator[None]:
+    """While the command runs, the library's warnings go to stderr escaped, one line each
+    (instead of logging's last-resort handler, which prints them raw)."""
+    logger = logging.getLogger("multifd_core")
+    handler = _StderrLines(command)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
