@@ -148,6 +148,9 @@ class DestinationOptions(EndOptions):
     #: with ``zero_page_detection="multifd"``) and zero those pages. QEMU 7.2 sends zeros there
     #: (its unused[]), so reading it is safe with every source; False: the bytes are not read.
     zero_page_packets: bool = True
+    #: seconds to write the return path's SHUT of a failed migration before closing (a source
+    #: that opened a return path: QEMU's ``return-path`` capability).
+    return_path_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
