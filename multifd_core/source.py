@@ -17,9 +17,10 @@ import trio
 
 from . import dialect as _dialect
 from . import mainstream as ms
+from . import returnpath as rp
 from . import scan
 from .boundary import library_errors
-from .errors import ChannelError, ConfigError, MigrationTimeout
+from .errors import ChannelError, ConfigError, DestinationFailed, MigrationTimeout, ProtocolError
 from .methods import MultiFDMethod
 from .options import SourceOptions
 from .ram import RAMBlock
@@ -68,6 +69,9 @@ class Source:
         self.state: MultiFDSendState | None = None
         self.completed = False
         self._busy = False
+        #: the status of the destination's SHUT on the return path, once it came
+        self.shut_status: int | None = None
+        self._shut = trio.Event()  # SHUT came, or the return path ended
 
     async def _connect(self, channel: int | None) -> ChannelIO:
         name = "main channel" if channel is None else f"channel {channel}"
@@ -88,6 +92,8 @@ class Source:
 
     async def _setup(self, nursery: trio.Nursery) -> None:
         self.main = await self._connect(None)
+        if self.options.return_path:
+            nursery.start_soon(self._read_return_path, self.main, name="return path")
         chans = self.channels
         for i in range(self.num_channels):
             io = await self._connect(i)
@@ -109,6 +115,8 @@ class Source:
         self.stats.start(sum(b.size for b in self.blocks))
         w = self.writer
         w.header()
+        if self.options.return_path:
+            w.open_return_path()
         w.ram_setup([(b.name, b.size) for b in self.blocks])
         await self._flush_main()
         for b in self.blocks:
@@ -146,10 +154,15 @@ class Source:
         return await self._round(last=False)
 
     async def complete(self) -> MigrationStats:
-        """The last round: remaining dirty pages, the end section, EOF; then close the channels."""
+        """The last round: remaining dirty pages, the end section, EOF; then close the channels.
+
+        With a return path, it returns only once the destination's SHUT said everything landed
+        (DestinationFailed when it says otherwise)."""
         await self._round(last=True)
         assert self.state is not None
         await self.state.quit()
+        if self.options.return_path:
+            await self._await_shut()
         await self.aclose()  # the end of every stream tells the destination we are done
         self.completed = True
         self.stats.finish("completed")
@@ -163,8 +176,52 @@ class Source:
         self._busy = True
         try:
             return await self._send_dirty(last)
+        except ChannelError:
+            if self.options.return_path:  # the destination refused: its SHUT says so
+                with trio.move_on_after(self.options.return_path_timeout):
+                    await self._shut.wait()
+            raise
         finally:
             self._busy = False
+
+    # --- the return path --------------------------------------------------------------------
+
+    async def _read_return_path(self, io: ChannelIO) -> None:
+        """The destination's messages on the main channel's connection, until its SHUT: a
+        failure status, or the end without one, fails the migration (DestinationFailed)."""
+        parser = rp.ReturnPathParser()
+        try:
+            while True:
+                msg = parser.next_message()
+                if msg is None:
+                    data = await io.receive_back()
+                    if not data:
+                        raise DestinationFailed(
+                            "the destination ended its return path without a SHUT: it failed"
+                        )
+                    parser.feed(data)
+                elif msg.type == rp.MIG_RP_MSG_SHUT:
+                    self._on_shut(msg.value)
+                    return
+                elif msg.type not in (rp.MIG_RP_MSG_PONG, rp.MigRpMsg.SWITCHOVER_ACK):
+                    raise ProtocolError(f"return path: unexpected {msg.name}")
+        finally:
+            self._shut.set()
+
+    def _on_shut(self, status: int | None) -> None:
+        self.shut_status = status
+        if status:
+            raise DestinationFailed(
+                f"the destination refused the migration (return path SHUT, status {status})",
+                status=status,
+            )
+
+    async def _await_shut(self) -> None:
+        timeout = self.options.return_path_timeout
+        with trio.move_on_after(timeout):
+            await self._shut.wait()
+        if not self._shut.is_set():
+            raise MigrationTimeout(f"no SHUT from the destination within {timeout} s of the end")
 
     @staticmethod
     def _release(nursery: trio.Nursery, block: RAMBlock, pages: tuple[int, int]) -> None:

@@ -467,6 +467,22 @@ class Lab:
                 raise AssertionError("qemu-save did not listen in time")
             time.sleep(0.02)
 
+    def restore(
+        self, snap: Path, port: int, channels: int, method: str, *extra: str
+    ) -> MultifdProcess:
+        """Start ``multifd qemu-restore`` of ``snap`` into the QEMU listening on ``port``."""
+        return self.multifd(
+            "qemu-restore",
+            os.fspath(snap),
+            "--connect",
+            f"127.0.0.1:{port}",
+            "--channels",
+            str(channels),
+            "--compression",
+            method,
+            *extra,
+        )
+
     def capture(
         self, source: Qemu, snap: Path, *, channels: int, method: str, uuid: str | None = None
     ) -> tuple[MultifdProcess, dict[str, Any]]:

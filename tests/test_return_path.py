@@ -30,7 +30,11 @@ import qemu_harness as qh  # noqa: E402
 
 pytest_plugins = ["qemu_harness"]
 #: the tests that drive QEMU (the harness marks them ``qemu``)
-QEMU_TESTS = ("test_capture_with_return_path", "test_refused_capture_fails_the_source")
+QEMU_TESTS = (
+    "test_capture_with_return_path",
+    "test_refused_capture_fails_the_source",
+    "test_restore_refused_by_qemu",
+)
 
 PS = 4096
 
@@ -247,3 +251,31 @@ def test_refused_capture_fails_the_source(lab: qh.Lab, version: str) -> None:
     assert info["status"] == "failed", (info, source.log_tail())
     assert "Sibling indicated error 1" in source.log_tail()  # our SHUT's status
     assert not snap.exists() or not any(snap.iterdir()), sorted(snap.iterdir())
+
+
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_restore_refused_by_qemu(lab: qh.Lab, version: str) -> None:
+    """A 64 MiB capture into a 128 MiB QEMU: QEMU refuses the RAM block list, and
+    ``qemu-restore`` (return path on by default) exits 1 saying the destination failed."""
+    source = return_path_source(lab, version, 2, "none")
+    snap = lab.tmp / "snap"
+    lab.capture(source, snap, channels=2, method="none")
+    dest = lab.qemu("dst", "-incoming", "defer", memory="128M", version=version)
+    dest.set_multifd(2, "none")
+    keep = {} if version == "7.2" else {"exit-on-error": False}  # 9.1+: keeps its error-desc
+    dest.cmd("migrate-incoming", uri="tcp:127.0.0.1:0", **keep)
+    port = int(dest.query_migrate()["socket-address"][0]["port"])
+    run = lab.restore(snap, port, 2, "none")
+    assert run.wait(60) == 1, run.stderr()
+    err = run.stderr()
+    assert err.startswith("multifd qemu-restore: error: ") and err.count("\n") == 1, err
+    assert "DestinationFailed" in err, err
+    if version == "7.2":  # its failed load exits at once, no SHUT: the return path just ends
+        assert "without a SHUT" in err, err
+        assert dest.proc.wait(10) != 0
+    else:  # 10.0 writes SHUT with its failure status, then keeps its error (exit-on-error off)
+        assert "SHUT, status 1" in err, err
+        info = dest.wait_migration(30)
+        assert info["status"] == "failed", info
+        assert "load of migration failed" in info.get("error-desc", ""), info
+    assert "Size mismatch: pc.ram" in dest.log_tail(), dest.log_tail()
