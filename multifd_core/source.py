@@ -287,8 +287,11 @@ class Source:
         device_state = self.options.device_state
         if last and device_state is None:
             w.eof()
-            if self.options.description is not None:
-                w.vmdesc(self.options.description)
+            description = self.options.description
+            if description is None and self.options.return_path:  # where its stream ends
+                description = b'{"page_size": %d, "devices": []}' % self.page_size
+            if description is not None:
+                w.vmdesc(description)
         await self._flush_main()
         if last and device_state is not None:
             # QEMU's device sections, EOF and vmdesc, as saved: the rest of the stream

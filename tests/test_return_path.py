@@ -16,12 +16,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from multifd_core import RAMBlock, errors
 from multifd_core import mainstream as ms
 from multifd_core import returnpath as rp
-from multifd_core.errors import MainStreamError
 from multifd_core.mainstream import MainStreamParser
+from multifd_core.testing import LoopbackRun, run_loopback
 
 if os.fspath(Path(__file__).resolve().parent) not in sys.path:  # for the harness
     sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
@@ -133,7 +135,7 @@ def test_parser_reads_split_messages() -> None:
 def test_parser_refuses_bad_messages(data: bytes, match: str) -> None:
     parser = rp.ReturnPathParser()
     parser.feed(data)
-    with pytest.raises(MainStreamError, match=match):
+    with pytest.raises(errors.MainStreamError, match=match):
         parser.next_message()
 
 
@@ -183,7 +185,7 @@ def test_bytes_after_the_description_are_refused() -> None:
     parser.feed(stream(return_path=True))
     events(parser)
     parser.feed(b"\x00")
-    with pytest.raises(MainStreamError, match="after the VM description"):
+    with pytest.raises(errors.MainStreamError, match="after the VM description"):
         events(parser)
 
 
@@ -194,6 +196,84 @@ def test_description_lengths_holding_the_marker(length: int) -> None:
     assert len(body) == length
     assert ms.tail.ends_with_vmdesc(DEVICE + b"\x00\x06" + be32(length) + body)
     assert not ms.tail.ends_with_vmdesc(DEVICE + b"\x00\x06" + be32(length + 1) + body)
+
+
+# --- between our own ends (item 5) ---------------------------------------------------------
+
+
+def pages(seed: int) -> RAMBlock:
+    block = RAMBlock.allocate("ram", 64 * PS, PS)
+    block.host[:] = np.random.default_rng(seed).integers(0, 4, 64 * PS, dtype=np.uint8)
+    return block
+
+
+@pytest.mark.parametrize("transport", ["memory", "tcp"])
+async def test_complete_after_the_destinations_shut(transport: str) -> None:
+    """complete() returns once the destination's SHUT 0 came: every page is there by then."""
+    block = pages(1)
+    seen: list[int | None] = []
+
+    async def after(r: int, run: LoopbackRun) -> None:
+        assert run.source is not None
+        seen.append(run.source.shut_status)  # no SHUT before the end
+
+    run = await run_loopback(
+        [block], transport=transport, rounds=2, between_rounds=after, source={"return_path": True}
+    )
+    assert run.source is not None and run.source.shut_status == rp.RP_SUCCESS
+    assert seen == [None]
+    assert run.src_stats is not None and run.src_stats.status == "completed"
+    dst = run.dst.destination
+    assert dst is not None and dst.return_path and dst.shut_sent == rp.RP_SUCCESS
+    assert dst.commands[:2] == [ms.MIG_CMD_OPEN_RETURN_PATH, ms.MIG_CMD_PING]
+    assert bytes(run.dst_blocks["ram"].host) == bytes(block.host)
+
+
+async def test_a_destination_idle_timeout_fails_the_source() -> None:
+    """The source pauses between rounds past the destination's idle timeout: the destination
+    fails (errors.ChannelStalled) and says so in its SHUT; the source fails with that status instead
+    of going on to report ``completed``."""
+
+    async def pause(r: int, run: LoopbackRun) -> None:
+        await run.dst.done.wait()  # until the destination has given up
+
+    run = await run_loopback(
+        [pages(2)],
+        transport="tcp",
+        rounds=2,
+        between_rounds=pause,
+        source={"return_path": True, "idle_timeout": None},
+        destination={"idle_timeout": 0.2},
+        capture_errors=True,
+    )
+    assert isinstance(run.dst.error, errors.ChannelStalled), run.dst.error
+    assert isinstance(run.src_error, errors.DestinationFailed), run.src_error
+    assert run.src_error.status == rp.RP_FAILURE
+
+
+async def test_a_refused_block_fails_the_source() -> None:
+    """A block the destination cannot take (another size): SHUT 1, errors.DestinationFailed."""
+    run = await run_loopback(
+        [pages(3)],
+        transport="tcp",
+        source={"return_path": True},
+        destination={"blocks": [RAMBlock.allocate("ram", 32 * PS, PS)]},
+        capture_errors=True,
+    )
+    assert isinstance(run.dst.error, errors.BlockMismatch), run.dst.error
+    assert isinstance(run.src_error, errors.DestinationFailed), run.src_error
+    assert run.src_error.status == rp.RP_FAILURE
+
+
+def test_writer_opens_the_return_path_after_the_header() -> None:
+    w = ms.MainStreamWriter()
+    w.header()
+    w.open_return_path()
+    w.ram_setup([("ram", PS)])
+    data = w.take()
+    assert data[len(HEAD) : len(HEAD) + 14] == OPEN + command(ms.MIG_CMD_PING, be32(1))
+    with pytest.raises(errors.ConfigError):
+        w.open_return_path()
 
 
 # --- against QEMU -----------------------------------------------------------------------------
@@ -269,7 +349,7 @@ def test_restore_refused_by_qemu(lab: qh.Lab, version: str) -> None:
     assert run.wait(60) == 1, run.stderr()
     err = run.stderr()
     assert err.startswith("multifd qemu-restore: error: ") and err.count("\n") == 1, err
-    assert "DestinationFailed" in err, err
+    assert "errors.DestinationFailed" in err, err
     if version == "7.2":  # its failed load exits at once, no SHUT: the return path just ends
         assert "without a SHUT" in err, err
         assert dest.proc.wait(10) != 0

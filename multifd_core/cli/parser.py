@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     _tls_options(p, server=False)
     _zero_pages(p)
+    # on: every `multifd recv` of this version answers it; --no-return-path for an older one
+    _return_path(p, default=True, peer="`multifd recv`")
 
     p = sub.add_parser("recv", help="receive files from a `multifd send`")
     _common(p)

@@ -79,6 +79,7 @@ class ParseContext:
         "buf",
         "by_raw",
         "commands",
+        "complete",
         "device_bytes",
         "device_tail",
         "eof",
@@ -135,6 +136,7 @@ class ParseContext:
         self.last: KnownBlock | None = None  # QEMU's last_recv_block
         self.device_bytes = 0
         self.return_path = False  # MIG_CMD_OPEN_RETURN_PATH was read
+        self.complete = False  # StreamComplete was handed out
         self.device_tail = bytearray()  # the device state's last bytes, with a return path
 
     def goto(self, state: State, event: MainEvent | None = None) -> MainEvent | None:

@@ -59,6 +59,9 @@ def after_eof(ctx: ParseContext) -> Step:
 def done(ctx: ParseContext) -> Step:
     if len(ctx.buf) - ctx.pos:
         raise MainStreamError("bytes after the VM description")
+    if ctx.return_path and not ctx.complete:  # our own source's stream: EOF, the description
+        ctx.complete = True
+        return StreamComplete()
     return _end(ctx)
 
 
@@ -96,6 +99,7 @@ def device_state(ctx: ParseContext) -> Step:
     if avail == 0:
         if ctx.return_path and ends_with_vmdesc(ctx.device_tail):
             ctx.device_tail = bytearray()
+            ctx.complete = True
             return ctx.goto(State.DONE, StreamComplete())
         return _end(ctx)
     total = ctx.device_bytes + avail
