@@ -41,6 +41,8 @@ from .wire import PacketRules, pages_per_packet
 #: How a destination gets its next connection: any async callable returning a trio stream
 #: (``open_tcp_acceptor(...)``, ``MemoryNetwork.accept``, a TLS acceptor, ...).
 Accept = Callable[[], Awaitable[trio.abc.Stream]]
+#: Seconds a failed destination waits after its SHUT before closing (see ``_shut_failed``).
+SHUT_GRACE = 0.1
 #: ``factory(name, size, page_size)`` makes a block the source announced.
 BlockFactory = Callable[[str, int, int], RAMBlock]
 
@@ -356,7 +358,10 @@ class Destination:
             try:
                 await self._shut(rp.RP_FAILURE)
             except MultiFDError:
-                pass
+                return
+            # closing with the source's bytes unread resets the connection, and a reset drops
+            # what the source has not read yet: let its return-path reader take the SHUT first
+            await trio.sleep(SHUT_GRACE)
 
 
 @asynccontextmanager

@@ -32,6 +32,7 @@ from .wire import MultiFDInit, pages_per_packet, uuid_bytes
 
 #: Main-channel bytes buffered before they are written out mid-round.
 MAIN_FLUSH_BYTES = 256 * 1024
+_NO_SHUT = "the destination ended its return path without a SHUT: it failed"
 
 
 class Source:
@@ -72,6 +73,8 @@ class Source:
         #: the status of the destination's SHUT on the return path, once it came
         self.shut_status: int | None = None
         self._shut = trio.Event()  # SHUT came, or the return path ended
+        self.pongs = 0  # PONGs read: the destination was reading the stream
+        self._rp_parser = rp.ReturnPathParser()
 
     async def _connect(self, channel: int | None) -> ChannelIO:
         name = "main channel" if channel is None else f"channel {channel}"
@@ -176,34 +179,33 @@ class Source:
         self._busy = True
         try:
             return await self._send_dirty(last)
-        except ChannelError:
-            if self.options.return_path:  # the destination refused: its SHUT says so
-                with trio.move_on_after(self.options.return_path_timeout):
-                    await self._shut.wait()
-            raise
         finally:
             self._busy = False
 
     # --- the return path --------------------------------------------------------------------
 
     async def _read_return_path(self, io: ChannelIO) -> None:
-        """The destination's messages on the main channel's connection, until its SHUT: a
-        failure status, or the end without one, fails the migration (DestinationFailed)."""
-        parser = rp.ReturnPathParser()
+        """The destination's messages on the main channel's connection, until its SHUT: one
+        with a failure status fails the migration at once (DestinationFailed). A return path
+        that ends without a SHUT is judged by the sends and ``complete()``."""
+        parser = self._rp_parser
         try:
             while True:
                 msg = parser.next_message()
                 if msg is None:
-                    data = await io.receive_back()
+                    try:
+                        data = await io.receive_back()
+                    except ChannelError:
+                        return
                     if not data:
-                        raise DestinationFailed(
-                            "the destination ended its return path without a SHUT: it failed"
-                        )
+                        return
                     parser.feed(data)
                 elif msg.type == rp.MIG_RP_MSG_SHUT:
                     self._on_shut(msg.value)
                     return
-                elif msg.type not in (rp.MIG_RP_MSG_PONG, rp.MigRpMsg.SWITCHOVER_ACK):
+                elif msg.type == rp.MIG_RP_MSG_PONG:
+                    self.pongs += 1
+                elif msg.type != rp.MigRpMsg.SWITCHOVER_ACK:
                     raise ProtocolError(f"return path: unexpected {msg.name}")
         finally:
             self._shut.set()
@@ -216,12 +218,28 @@ class Source:
                 status=status,
             )
 
+    async def explain(self, exc: ChannelError) -> None:
+        """A send failed: when the destination had read the stream (it answered a PING), its
+        return path says why (bounded): DestinationFailed from ``exc``, its SHUT's status or
+        none. Otherwise (the destination never read a byte) ``exc`` stands."""
+        if not (self.options.return_path and self.pongs) or self.main is None:
+            return
+        try:
+            with trio.move_on_after(self.options.return_path_timeout):
+                await self._read_return_path(self.main)
+        except DestinationFailed as failed:
+            raise failed from exc
+        if self.shut_status is None:
+            raise DestinationFailed(_NO_SHUT) from exc
+
     async def _await_shut(self) -> None:
         timeout = self.options.return_path_timeout
         with trio.move_on_after(timeout):
             await self._shut.wait()
         if not self._shut.is_set():
             raise MigrationTimeout(f"no SHUT from the destination within {timeout} s of the end")
+        if self.shut_status is None:
+            raise DestinationFailed(_NO_SHUT)
 
     @staticmethod
     def _release(nursery: trio.Nursery, block: RAMBlock, pages: tuple[int, int]) -> None:
@@ -337,6 +355,9 @@ async def open_source(
                 if not src.completed:
                     src.stats.finish("cancelled")
                 nursery.cancel_scope.cancel()  # the watchdog, or everything when cancelled
+    except ChannelError as exc:
+        await src.explain(exc)
+        raise
     finally:
         await src.aclose()
 
