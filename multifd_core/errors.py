@@ -184,11 +184,11 @@ class LimitExceeded(ProtocolError):
 
 class DestinationFailed(MultiFDError):
     """The destination said, on the return path, that the migration failed there: a SHUT with a
-    non-zero ``status``, or (``status`` None) the return path ended without a SHUT."""
+    non-zero ``shut_status``, or (``shut_status`` None) the return path ended without a SHUT."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, shut_status: int | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.shut_status = shut_status
 
 
 class IncompleteMigration(MultiFDError):

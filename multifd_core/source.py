@@ -215,7 +215,7 @@ class Source:
         if status:
             raise DestinationFailed(
                 f"the destination refused the migration (return path SHUT, status {status})",
-                status=status,
+                shut_status=status,
             )
 
     async def explain(self, exc: ChannelError) -> None:

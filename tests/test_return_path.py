@@ -248,7 +248,7 @@ async def test_a_destination_idle_timeout_fails_the_source() -> None:
     )
     assert isinstance(run.dst.error, errors.ChannelStalled), run.dst.error
     assert isinstance(run.src_error, errors.DestinationFailed), run.src_error
-    assert run.src_error.status == rp.RP_FAILURE
+    assert run.src_error.shut_status == rp.RP_FAILURE
 
 
 async def test_a_refused_block_fails_the_source() -> None:
@@ -262,7 +262,7 @@ async def test_a_refused_block_fails_the_source() -> None:
     )
     assert isinstance(run.dst.error, errors.BlockMismatch), run.dst.error
     assert isinstance(run.src_error, errors.DestinationFailed), run.src_error
-    assert run.src_error.status == rp.RP_FAILURE
+    assert run.src_error.shut_status == rp.RP_FAILURE
 
 
 def test_writer_opens_the_return_path_after_the_header() -> None:
