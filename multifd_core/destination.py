@@ -18,6 +18,7 @@ import trio
 
 from . import landing
 from . import mainstream as ms
+from . import returnpath as rp
 from .boundary import library_errors
 from .errors import (
     BlockMismatch,
@@ -25,6 +26,7 @@ from .errors import (
     ConfigError,
     LimitExceeded,
     MigrationTimeout,
+    MultiFDError,
     TruncatedStream,
 )
 from .handshake import HEAD_SIZE, Handshake, MainChannel
@@ -39,6 +41,8 @@ from .wire import PacketRules, pages_per_packet
 #: How a destination gets its next connection: any async callable returning a trio stream
 #: (``open_tcp_acceptor(...)``, ``MemoryNetwork.accept``, a TLS acceptor, ...).
 Accept = Callable[[], Awaitable[trio.abc.Stream]]
+#: Seconds a failed destination waits after its SHUT before closing (see ``_shut_failed``).
+SHUT_GRACE = 0.1
 #: ``factory(name, size, page_size)`` makes a block the source announced.
 BlockFactory = Callable[[str, int, int], RAMBlock]
 
@@ -92,6 +96,9 @@ class Destination:
         #: the QEMU_VM_COMMANDs of the main stream, in order (ms.MIG_CMD_NAMES)
         self.commands: list[int] = []
         self.zero_records = 0  # zero pages that came as main-stream records (not in packets)
+        #: the source opened a return path (MIG_CMD_OPEN_RETURN_PATH): PONGs and SHUT go back
+        self.return_path = False
+        self.shut_sent: int | None = None  # the status of the SHUT written, once it was
         self.done = trio.Event()
         self._watching = trio.CancelScope()
         self._accepting = trio.CancelScope()
@@ -107,6 +114,7 @@ class Destination:
             ms.Configuration: self._on_configuration,
             ms.DeviceState: self._on_device_state,
             ms.VmDescription: self._on_vmdesc,
+            ms.StreamComplete: self._on_stream_complete,
         }
 
     @property
@@ -235,8 +243,27 @@ class Destination:
         if ev.kind != ms.QEMU_VM_SECTION_START:  # the setup's sync is not a round
             self.stats.round_done()
 
-    def _on_command(self, ev: ms.Command) -> None:
+    def _on_command(self, ev: ms.Command) -> Awaitable[None] | None:
         self.commands.append(ev.command)
+        if ev.command == ms.MIG_CMD_OPEN_RETURN_PATH:
+            self.return_path = True
+        elif ev.command == ms.MIG_CMD_PING:
+            return self._send_rp(rp.pong(ev.data))
+        return None
+
+    async def _send_rp(self, message: bytes) -> None:
+        """A return-path message, on the main channel's connection back to the source."""
+        assert self.main is not None
+        await self.main.send_all(message)
+
+    async def _shut(self, status: int) -> None:
+        self.shut_sent = status
+        await self._send_rp(rp.shut(status))
+
+    async def _on_stream_complete(self, ev: ms.StreamComplete) -> None:
+        """The source sent all (it waits for SHUT to close): every page has landed, as the
+        RAM END section's sync barrier passed; confirm it."""
+        await self._shut(rp.RP_SUCCESS)
 
     def _on_page(self, ev: ms.Page) -> None:
         landing.put_page(self.blocks[ev.block], ev.offset, ev.data)
@@ -318,8 +345,23 @@ class Destination:
         self.done.set()
 
     async def aclose(self) -> None:
+        if self.return_path and self.shut_sent is None and not self.done.is_set():
+            await self._shut_failed()
         for io in self.ios:
             await io.aclose()
+
+    async def _shut_failed(self) -> None:
+        """The migration failed: tell the source (SHUT with a failure status), bounded, even
+        when this end is being cancelled; a source already gone is no further error."""
+        deadline = trio.current_time() + self.options.return_path_timeout
+        with trio.CancelScope(deadline=deadline, shield=True):
+            try:
+                await self._shut(rp.RP_FAILURE)
+            except MultiFDError:
+                return
+            # closing with the source's bytes unread resets the connection, and a reset drops
+            # what the source has not read yet: let its return-path reader take the SHUT first
+            await trio.sleep(SHUT_GRACE)
 
 
 @asynccontextmanager

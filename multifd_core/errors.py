@@ -185,6 +185,15 @@ class LimitExceeded(ProtocolError):
     """The peer asked for more than this side allows (blocks, sizes, names, total bytes)."""
 
 
+class DestinationFailed(MultiFDError):
+    """The destination said, on the return path, that the migration failed there: a SHUT with a
+    non-zero ``shut_status``, or (``shut_status`` None) the return path ended without a SHUT."""
+
+    def __init__(self, message: str, *, shut_status: int | None = None) -> None:
+        super().__init__(message)
+        self.shut_status = shut_status
+
+
 class IncompleteMigration(MultiFDError):
     """The migration ended before every block was complete."""
 

@@ -53,6 +53,9 @@ class EndOptions:
     connect_timeout: float = 30.0
     #: seconds a channel may move no byte while the peer owes some (None: wait forever).
     idle_timeout: float | None = 60.0
+    #: the return path's SHUT (QEMU's ``return-path`` capability): seconds a source waits for
+    #: it after its last byte; a destination that failed writes it within this bound.
+    return_path_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.channels <= MAX_CHANNELS:
@@ -117,6 +120,9 @@ class SourceOptions(EndOptions):
     #: EOS (machine types up to 8.0); False, at a RAM_SAVE_FLAG_MULTIFD_FLUSH record once per
     #: round; None: as ``machine_type`` says.
     multifd_flush_after_each_section: bool | None = None
+    #: open a return path (QEMU's ``return-path`` capability): MIG_CMD_OPEN_RETURN_PATH after
+    #: the header; ``complete()`` returns only once the destination's SHUT said all landed.
+    return_path: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -17,9 +17,10 @@ import trio
 
 from . import dialect as _dialect
 from . import mainstream as ms
+from . import returnpath as rp
 from . import scan
 from .boundary import library_errors
-from .errors import ChannelError, ConfigError, MigrationTimeout
+from .errors import ChannelError, ConfigError, DestinationFailed, MigrationTimeout, ProtocolError
 from .methods import MultiFDMethod
 from .options import SourceOptions
 from .ram import RAMBlock
@@ -31,6 +32,7 @@ from .wire import MultiFDInit, pages_per_packet, uuid_bytes
 
 #: Main-channel bytes buffered before they are written out mid-round.
 MAIN_FLUSH_BYTES = 256 * 1024
+_NO_SHUT = "the destination ended its return path without a SHUT: it failed"
 
 
 class Source:
@@ -68,6 +70,11 @@ class Source:
         self.state: MultiFDSendState | None = None
         self.completed = False
         self._busy = False
+        #: the status of the destination's SHUT on the return path, once it came
+        self.shut_status: int | None = None
+        self._shut = trio.Event()  # SHUT came, or the return path ended
+        self.pongs = 0  # PONGs read: the destination was reading the stream
+        self._rp_parser = rp.ReturnPathParser()
 
     async def _connect(self, channel: int | None) -> ChannelIO:
         name = "main channel" if channel is None else f"channel {channel}"
@@ -88,6 +95,8 @@ class Source:
 
     async def _setup(self, nursery: trio.Nursery) -> None:
         self.main = await self._connect(None)
+        if self.options.return_path:
+            nursery.start_soon(self._read_return_path, self.main, name="return path")
         chans = self.channels
         for i in range(self.num_channels):
             io = await self._connect(i)
@@ -109,6 +118,8 @@ class Source:
         self.stats.start(sum(b.size for b in self.blocks))
         w = self.writer
         w.header()
+        if self.options.return_path:
+            w.open_return_path()
         w.ram_setup([(b.name, b.size) for b in self.blocks])
         await self._flush_main()
         for b in self.blocks:
@@ -146,10 +157,15 @@ class Source:
         return await self._round(last=False)
 
     async def complete(self) -> MigrationStats:
-        """The last round: remaining dirty pages, the end section, EOF; then close the channels."""
+        """The last round: remaining dirty pages, the end section, EOF; then close the channels.
+
+        With a return path, it returns only once the destination's SHUT said everything landed
+        (DestinationFailed when it says otherwise)."""
         await self._round(last=True)
         assert self.state is not None
         await self.state.quit()
+        if self.options.return_path:
+            await self._await_shut()
         await self.aclose()  # the end of every stream tells the destination we are done
         self.completed = True
         self.stats.finish("completed")
@@ -165,6 +181,65 @@ class Source:
             return await self._send_dirty(last)
         finally:
             self._busy = False
+
+    # --- the return path --------------------------------------------------------------------
+
+    async def _read_return_path(self, io: ChannelIO) -> None:
+        """The destination's messages on the main channel's connection, until its SHUT: one
+        with a failure status fails the migration at once (DestinationFailed). A return path
+        that ends without a SHUT is judged by the sends and ``complete()``."""
+        parser = self._rp_parser
+        try:
+            while True:
+                msg = parser.next_message()
+                if msg is None:
+                    try:
+                        data = await io.receive_back()
+                    except ChannelError:
+                        return
+                    if not data:
+                        return
+                    parser.feed(data)
+                elif msg.type == rp.MIG_RP_MSG_SHUT:
+                    self._on_shut(msg.value)
+                    return
+                elif msg.type == rp.MIG_RP_MSG_PONG:
+                    self.pongs += 1
+                elif msg.type != rp.MigRpMsg.SWITCHOVER_ACK:
+                    raise ProtocolError(f"return path: unexpected {msg.name}")
+        finally:
+            self._shut.set()
+
+    def _on_shut(self, status: int | None) -> None:
+        self.shut_status = status
+        if status:
+            raise DestinationFailed(
+                f"the destination refused the migration (return path SHUT, status {status})",
+                shut_status=status,
+            )
+
+    async def explain(self, exc: ChannelError) -> None:
+        """A send failed: when the destination had read the stream (it answered a PING), its
+        return path says why (bounded): DestinationFailed from ``exc``, its SHUT's status or
+        none. Otherwise (the destination never read a byte) ``exc`` stands."""
+        if not (self.options.return_path and self.pongs) or self.main is None:
+            return
+        try:
+            with trio.move_on_after(self.options.return_path_timeout):
+                await self._read_return_path(self.main)
+        except DestinationFailed as failed:
+            raise failed from exc
+        if self.shut_status is None:
+            raise DestinationFailed(_NO_SHUT) from exc
+
+    async def _await_shut(self) -> None:
+        timeout = self.options.return_path_timeout
+        with trio.move_on_after(timeout):
+            await self._shut.wait()
+        if not self._shut.is_set():
+            raise MigrationTimeout(f"no SHUT from the destination within {timeout} s of the end")
+        if self.shut_status is None:
+            raise DestinationFailed(_NO_SHUT)
 
     @staticmethod
     def _release(nursery: trio.Nursery, block: RAMBlock, pages: tuple[int, int]) -> None:
@@ -230,8 +305,11 @@ class Source:
         device_state = self.options.device_state
         if last and device_state is None:
             w.eof()
-            if self.options.description is not None:
-                w.vmdesc(self.options.description)
+            description = self.options.description
+            if description is None and self.options.return_path:  # where its stream ends
+                description = b'{"page_size": %d, "devices": []}' % self.page_size
+            if description is not None:
+                w.vmdesc(description)
         await self._flush_main()
         if last and device_state is not None:
             # QEMU's device sections, EOF and vmdesc, as saved: the rest of the stream
@@ -277,6 +355,9 @@ async def open_source(
                 if not src.completed:
                     src.stats.finish("cancelled")
                 nursery.cancel_scope.cancel()  # the watchdog, or everything when cancelled
+    except ChannelError as exc:
+        await src.explain(exc)
+        raise
     finally:
         await src.aclose()
 

@@ -308,14 +308,20 @@ class ChannelIO:
             return data
         self.waiting = BOUNDARY
         try:
-            received = await self.stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise self._error("receive failed", exc) from exc
+            data = await self.receive_back(max_bytes)
         finally:
             self.waiting = IDLE
         self.activity = trio.current_time()
-        data = bytes(received)
         return data
+
+    async def receive_back(self, max_bytes: int = READ_CHUNK) -> bytes:
+        """Up to ``max_bytes`` bytes the peer sends back on a stream this side writes (QEMU's
+        return path), concurrently with the sends; b"" at end of stream. Unwatched: neither
+        ``waiting`` nor ``activity`` change (they stay the sender's, for the watchdog)."""
+        try:
+            return bytes(await self.stream.receive_some(max_bytes))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._error("receive failed", exc) from exc
 
     async def receive_into(
         self, view: memoryview, what: str = "data", *, eof_ok: bool = False

@@ -174,8 +174,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A module's ``QEMU_TESTS``: True (all its tests drive QEMU) or the names of those that do."""
     for item in items:
-        if getattr(getattr(item, "module", None), "QEMU_TESTS", False):
+        qemu_tests = getattr(getattr(item, "module", None), "QEMU_TESTS", False)
+        name = getattr(item, "originalname", item.name)
+        if qemu_tests is True or (qemu_tests and name in qemu_tests):
             item.add_marker("qemu")
 
 
@@ -463,6 +466,35 @@ class Lab:
             if time.monotonic() > deadline:
                 raise AssertionError("qemu-save did not listen in time")
             time.sleep(0.02)
+
+    def restore(
+        self, snap: Path, port: int, channels: int, method: str, *extra: str
+    ) -> MultifdProcess:
+        """Start ``multifd qemu-restore`` of ``snap`` into the QEMU listening on ``port``."""
+        return self.multifd(
+            "qemu-restore",
+            os.fspath(snap),
+            "--connect",
+            f"127.0.0.1:{port}",
+            "--channels",
+            str(channels),
+            "--compression",
+            method,
+            *extra,
+        )
+
+    def capture(
+        self, source: Qemu, snap: Path, *, channels: int, method: str, uuid: str | None = None
+    ) -> tuple[MultifdProcess, dict[str, Any]]:
+        """Migrate ``source`` (set up already) into a new ``qemu-save`` of ``snap``; both ends
+        must succeed. Returns qemu-save and QEMU's final query-migrate."""
+        save = self.qemu_save(snap, channels=channels, method=method, uuid=uuid)
+        assert save.port is not None
+        source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
+        info = source.wait_migration(60)
+        assert save.wait(60) == 0, save.stderr()
+        assert info["status"] == "completed", (info, source.log_tail())
+        return save, info
 
     def close(self) -> None:
         for q in self.qemus:

@@ -100,17 +100,7 @@ def start_destination(
 
 
 def restore(lab: qh.Lab, snap: Path, port: int, channels: int, method: str) -> dict[str, Any]:
-    run = lab.multifd(
-        "qemu-restore",
-        os.fspath(snap),
-        "--connect",
-        f"127.0.0.1:{port}",
-        "--channels",
-        str(channels),
-        "--compression",
-        method,
-        "--json",
-    )
+    run = lab.restore(snap, port, channels, method, "--json")
     assert run.wait(60) == 0, run.stderr()
     return run.json()
 

@@ -100,12 +100,7 @@ def test_capture(lab: qh.Lab, channels: int, machine: str, method: str, detectio
     )
     source.set_multifd(channels, method, **{"zero-page-detection": detection})
     snap = lab.tmp / "snap"
-    save = lab.qemu_save(snap, channels=channels, method=method, uuid=uuid)
-    assert save.port is not None
-    source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
-    info = source.wait_migration(60)
-    assert save.wait(60) == 0, save.stderr()
-    assert info["status"] == "completed", (info, source.log_tail())
+    save, info = lab.capture(source, snap, channels=channels, method=method, uuid=uuid)
 
     out = save.json()
     assert out["status"] == "completed" and out["machine-type"] == machine

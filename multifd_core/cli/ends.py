@@ -23,7 +23,11 @@ from ..transport import (
 from .parser import parse_options
 
 #: Options only some commands have: argparse's name -> the engine's option, per end.
-_SOURCE_ONLY = {"uuid": "uuid", "zero_page_detection": "zero_page_detection"}
+_SOURCE_ONLY = {
+    "uuid": "uuid",
+    "zero_page_detection": "zero_page_detection",
+    "return_path": "return_path",
+}
 _DESTINATION_ONLY = {
     "uuid": "uuid",
     "timeout": "connect_timeout",

@@ -159,6 +159,17 @@ def _zero_pages(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _return_path(p: argparse.ArgumentParser, *, default: bool, peer: str) -> None:
+    """--return-path, for the commands that send (QEMU's return-path capability)."""
+    p.add_argument(
+        "--return-path",
+        action=argparse.BooleanOptionalAction,
+        default=default,
+        help=f"open a return path: finish only once {peer} confirmed that everything landed, "
+        f"fail with its status when it refused (default {'on' if default else 'off'})",
+    )
+
+
 def _listening(p: argparse.ArgumentParser, *, timeout: float, waits_for: str) -> None:
     """The options of a receiving end (recv, qemu-save)."""
     p.add_argument("--listen", type=parse_address, required=True, metavar="HOST:PORT")
@@ -202,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+")
     _tls_options(p, server=False)
     _zero_pages(p)
+    # on: every `multifd recv` of this version answers it; --no-return-path for an older one
+    _return_path(p, default=True, peer="`multifd recv`")
 
     p = sub.add_parser("recv", help="receive files from a `multifd send`")
     _common(p)
@@ -237,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _tls_options(p, server=False)
     _zero_pages(p)
+    _return_path(p, default=True, peer="the QEMU destination")
 
     p = sub.add_parser("plugins", help="list the installed compression methods")
     p.add_argument("--json", action="store_true")

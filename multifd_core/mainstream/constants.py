@@ -17,6 +17,8 @@ __all__ = [
     "MAX_MACHINE_TYPE",
     "MAX_VMDESC",
     "MIG_CMD_NAMES",
+    "MIG_CMD_OPEN_RETURN_PATH",
+    "MIG_CMD_PING",
     "MIG_CMD_SWITCHOVER_START",
     "QEMU_FLUSH_PER_ROUND",
     "QEMU_FLUSH_PER_SECTION",
@@ -81,8 +83,10 @@ RAM_SAVE_FLAG_COMPRESS_PAGE: Final = 1 << 8
 RAM_SAVE_FLAG_MULTIFD_FLUSH: Final = 1 << 9  # QEMU 8.1+
 
 # savevm.c's enum qemu_vm_cmd: a QEMU_VM_COMMAND is the section byte, be16 command, be16 length,
-# then that many bytes. The parser reads only MIG_CMD_SWITCHOVER_START (QEMU 10.0, machine types
-# 10.0+: "send-switchover-start"), between the last RAM PART section and the RAM END section.
+# then that many bytes. The parser reads MIG_CMD_OPEN_RETURN_PATH and MIG_CMD_PING (a source with
+# the return-path capability, after the header), MIG_CMD_PING between the RAM sections too, and
+# MIG_CMD_SWITCHOVER_START (QEMU 10.0, machine types 10.0+: "send-switchover-start") between the
+# last RAM PART section and the RAM END section.
 MIG_CMD_NAMES: Final = {
     0: "MIG_CMD_INVALID",
     1: "MIG_CMD_OPEN_RETURN_PATH",
@@ -97,6 +101,8 @@ MIG_CMD_NAMES: Final = {
     10: "MIG_CMD_RECV_BITMAP",
     11: "MIG_CMD_SWITCHOVER_START",
 }
+MIG_CMD_OPEN_RETURN_PATH: Final = 1
+MIG_CMD_PING: Final = 2
 MIG_CMD_SWITCHOVER_START: Final = 11
 
 # Where a QEMU multifd source syncs its channels (ram.c; the migration property

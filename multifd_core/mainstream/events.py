@@ -23,6 +23,7 @@ __all__ = [
     "RamBlocks",
     "RamEnd",
     "RoundEnd",
+    "StreamComplete",
     "VmDescription",
     "ZeroPage",
     "ZeroPages",
@@ -157,6 +158,13 @@ class DeviceState:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamComplete:
+    """With a return path open: the source's stream is complete (its device state ended with
+    the VM description) though its connection stays open; the source now waits for the
+    destination's SHUT. Only the end of the input (:class:`ConnectionEnd`) may follow."""
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionEnd:
     """The input ended at a place where the stream may end."""
 
@@ -174,5 +182,6 @@ MainEvent: TypeAlias = (
     | Eof
     | VmDescription
     | DeviceState
+    | StreamComplete
     | ConnectionEnd
 )

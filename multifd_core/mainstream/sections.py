@@ -1,10 +1,11 @@
-"""State handlers for the RAM section's framing: the START section's header, the footer after
-each EOS, and the header of the PART or END section that follows (or a QEMU_VM_COMMAND of
-:data:`COMMANDS_BETWEEN_SECTIONS` before it)."""
+"""State handlers for the RAM section's framing: the START section's header (or a QEMU_VM_COMMAND
+of :data:`COMMANDS_BEFORE_RAM` before it), the footer after each EOS, and the header of the PART
+or END section that follows (or a QEMU_VM_COMMAND of :data:`COMMANDS_BETWEEN_SECTIONS` before
+it)."""
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from typing import Final, NoReturn
 
 from ..errors import BadVersion, MainStreamError
@@ -13,6 +14,8 @@ from .constants import (
     COMMAND,
     INSTANCE_VERSION,
     MIG_CMD_NAMES,
+    MIG_CMD_OPEN_RETURN_PATH,
+    MIG_CMD_PING,
     MIG_CMD_SWITCHOVER_START,
     QEMU_VM_COMMAND,
     QEMU_VM_EOF,
@@ -31,11 +34,14 @@ from .events import NEED_DATA, Command, RamEnd
 from .states import ParseContext, State, Step
 
 _RAM_IDSTR: Final = RAM_IDSTR.encode()
-_START: Final = frozenset({QEMU_VM_SECTION_START})
+_START: Final = frozenset({QEMU_VM_SECTION_START, QEMU_VM_COMMAND})
 _PART_OR_END: Final = frozenset({QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END})
 _NEXT: Final = _PART_OR_END | {QEMU_VM_COMMAND}
+#: The QEMU_VM_COMMANDs read before the RAM START section (a source with the return-path
+#: capability: OPEN_RETURN_PATH, then a PING), and the length of their data.
+COMMANDS_BEFORE_RAM: Final = {MIG_CMD_OPEN_RETURN_PATH: 0, MIG_CMD_PING: 4}
 #: The QEMU_VM_COMMANDs read between two RAM sections, and the length of their data.
-COMMANDS_BETWEEN_SECTIONS: Final = {MIG_CMD_SWITCHOVER_START: 0}
+COMMANDS_BETWEEN_SECTIONS: Final = {MIG_CMD_SWITCHOVER_START: 0, MIG_CMD_PING: 4}
 
 
 def unexpected_section(kind: int, expected: str) -> NoReturn:
@@ -67,8 +73,11 @@ def _section_head(
 
 def setup_section(ctx: ParseContext) -> Step:
     """QEMU_VM_SECTION_START: section id, idstr "ram", instance id and version."""
-    head = _section_head(ctx, _START, "the RAM START section")
+    expected = "the RAM START section"
+    head = _section_head(ctx, _START, expected)
     buf, pos = ctx.buf, ctx.pos
+    if head is not None and head[0] == QEMU_VM_COMMAND:
+        return command(ctx, expected, COMMANDS_BEFORE_RAM)
     if head is None or len(buf) - pos < 6:
         return NEED_DATA
     nlen = buf[pos + 5]
@@ -113,18 +122,27 @@ def footer(ctx: ParseContext) -> Step:
     return ctx.goto(State.NEXT_SECTION)
 
 
-def command(ctx: ParseContext, expected: str) -> Step:
+def command(ctx: ParseContext, expected: str, allowed: Mapping[int, int]) -> Step:
     """A QEMU_VM_COMMAND at ``ctx.pos`` where ``expected`` may come instead: one of
-    :data:`COMMANDS_BETWEEN_SECTIONS`, else refused naming it."""
+    ``allowed`` (command: length of its data), else refused naming it. As QEMU's loader: a
+    second OPEN_RETURN_PATH, or a PING with no return path open, is refused."""
     buf, pos = ctx.buf, ctx.pos
     if len(buf) - pos < COMMAND.size:
         return NEED_DATA
     _, cmd, length = COMMAND.unpack_from(buf, pos)
     name = MIG_CMD_NAMES.get(cmd, f"command {cmd}")
-    if COMMANDS_BETWEEN_SECTIONS.get(cmd) != length:
+    if allowed.get(cmd) != length:
         raise MainStreamError(
             f"QEMU_VM_COMMAND {name} (length {length}) where {expected} was expected: unsupported"
         )
+    if len(buf) - pos < COMMAND.size + length:
+        return NEED_DATA
+    if cmd == MIG_CMD_OPEN_RETURN_PATH:
+        if ctx.return_path:
+            raise MainStreamError(f"{name} twice")
+        ctx.return_path = True
+    elif cmd == MIG_CMD_PING and not ctx.return_path:
+        raise MainStreamError(f"{name} with no return path open")
     ctx.pos = pos + COMMAND.size + length
     ctx.commands.append(cmd)
     return Command(cmd, bytes(buf[pos + COMMAND.size : ctx.pos]))
@@ -138,7 +156,7 @@ def next_section(ctx: ParseContext) -> Step:
         return NEED_DATA
     kind, section_id = head
     if kind == QEMU_VM_COMMAND:
-        return command(ctx, expected)
+        return command(ctx, expected, COMMANDS_BETWEEN_SECTIONS)
     if section_id != ctx.section_id:
         raise MainStreamError(
             f"{section_name(kind)} for section id {section_id} before the RAM section "

@@ -33,7 +33,8 @@ class State(enum.Enum):
     AFTER_RAM = "after ram"  # after the RAM END section: our EOF or QEMU's device state
     AFTER_EOF = "after eof"  # after our EOF: the optional VM description
     DONE = "done"  # after the VM description: nothing more may come
-    DEVICE_STATE = "device state"  # QEMU's device sections, passed through to the end
+    DEVICE_STATE = "device state"  # QEMU's device sections, passed through to the end (with a
+    # return path: to the VM description that ends them, as the source waits for SHUT)
 
 
 S = State
@@ -50,7 +51,7 @@ TRANSITIONS: Final[Mapping[State, frozenset[State]]] = {
     S.AFTER_RAM: frozenset({S.AFTER_EOF, S.DEVICE_STATE}),
     S.AFTER_EOF: frozenset({S.DONE}),
     S.DONE: frozenset(),
-    S.DEVICE_STATE: frozenset(),
+    S.DEVICE_STATE: frozenset({S.DONE}),
 }
 del S
 
@@ -78,7 +79,9 @@ class ParseContext:
         "buf",
         "by_raw",
         "commands",
+        "complete",
         "device_bytes",
+        "device_tail",
         "eof",
         "flush",
         "handler",
@@ -91,6 +94,7 @@ class ParseContext:
         "page",
         "page_size",
         "pos",
+        "return_path",
         "round",
         "section_id",
         "setup",
@@ -131,6 +135,9 @@ class ParseContext:
         self.commands: list[int] = []  # the QEMU_VM_COMMANDs read, in order
         self.last: KnownBlock | None = None  # QEMU's last_recv_block
         self.device_bytes = 0
+        self.return_path = False  # MIG_CMD_OPEN_RETURN_PATH was read
+        self.complete = False  # StreamComplete was handed out
+        self.device_tail = bytearray()  # the device state's last bytes, with a return path
 
     def goto(self, state: State, event: MainEvent | None = None) -> MainEvent | None:
         """Move to ``state`` and return ``event`` (what the handler hands out on the way).

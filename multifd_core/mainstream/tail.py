@@ -1,11 +1,20 @@
 """State handlers for what follows the RAM END section: our own sources' EOF and VM description,
-or QEMU's device sections, passed through unparsed."""
+or QEMU's device sections, passed through unparsed.
+
+A QEMU source with a return path keeps the connection open after its last byte, until the
+destination's SHUT: then the device state's end is found by its last record, the QEMU_VM_EOF
+and QEMU_VM_VMDESCRIPTION (be32 length, JSON) that every QEMU precopy stream ends with (unless
+the machine suppresses the description: s390x, some ppc), as :class:`StreamComplete`.
+"""
 
 from __future__ import annotations
 
+import json
+from typing import Final
+
 from ..errors import MainStreamError
 from .constants import BE32, MAX_VMDESC, QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION, section_name
-from .events import NEED_DATA, ConnectionEnd, DeviceState, Eof, VmDescription
+from .events import NEED_DATA, ConnectionEnd, DeviceState, Eof, StreamComplete, VmDescription
 from .states import ParseContext, State, Step
 
 
@@ -50,13 +59,48 @@ def after_eof(ctx: ParseContext) -> Step:
 def done(ctx: ParseContext) -> Step:
     if len(ctx.buf) - ctx.pos:
         raise MainStreamError("bytes after the VM description")
+    if ctx.return_path and not ctx.complete:  # our own source's stream: EOF, the description
+        ctx.complete = True
+        return StreamComplete()
     return _end(ctx)
+
+
+#: The last bytes of the device state kept to find its end (a VM description up to this long).
+TAIL_MAX: Final = 4 << 20
+_EOF_VMDESC: Final = bytes([QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION])
+
+
+def ends_with_vmdesc(data: bytes | bytearray) -> bool:
+    """Whether ``data`` ends with QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION, be32 n, n bytes of JSON.
+
+    The JSON holds no NUL byte, so the marker is one of the last few EOF-VMDESCRIPTION pairs
+    (the length's own bytes may hold one or two)."""
+    if not data.endswith(b"}"):
+        return False
+    end = len(data)
+    for _ in range(3):
+        p = data.rfind(_EOF_VMDESC, 0, end)
+        if p < 0 or p + 6 > len(data):
+            return False
+        (length,) = BE32.unpack_from(data, p + 2)
+        if p + 6 + length == len(data) and data[p + 6 : p + 7] == b"{":
+            try:
+                json.loads(bytes(data[p + 6 :]))
+            except ValueError:
+                return False
+            return True
+        end = p + 1
+    return False
 
 
 def device_state(ctx: ParseContext) -> Step:
     buf, pos = ctx.buf, ctx.pos
     avail = len(buf) - pos
     if avail == 0:
+        if ctx.return_path and ends_with_vmdesc(ctx.device_tail):
+            ctx.device_tail = bytearray()
+            ctx.complete = True
+            return ctx.goto(State.DONE, StreamComplete())
         return _end(ctx)
     total = ctx.device_bytes + avail
     if ctx.max_device_state is not None and total > ctx.max_device_state:
@@ -66,4 +110,9 @@ def device_state(ctx: ParseContext) -> Step:
     ctx.device_bytes = total
     data = bytes(buf[pos:])
     ctx.pos = len(buf)
+    if ctx.return_path:
+        tail = ctx.device_tail
+        tail += data
+        if len(tail) > TAIL_MAX:
+            del tail[: len(tail) - TAIL_MAX]
     return DeviceState(data)

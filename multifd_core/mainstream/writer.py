@@ -12,11 +12,15 @@ from ..wire import check_page_size, encode_block_name
 from .constants import (
     BE32,
     BE64,
+    COMMAND,
     EOS_RECORD,
     HEADER,
     INSTANCE_VERSION,
     MAX_MACHINE_TYPE,
     MAX_VMDESC,
+    MIG_CMD_OPEN_RETURN_PATH,
+    MIG_CMD_PING,
+    QEMU_VM_COMMAND,
     QEMU_VM_CONFIGURATION,
     QEMU_VM_EOF,
     QEMU_VM_FILE_MAGIC,
@@ -80,6 +84,7 @@ class MainStreamWriter:
         self._ram_ended = False
         self._in_section = False
         self._eof_written = False
+        self._return_path = False
         # QEMU's last_sent_block: reset by ram_setup (ram_state_reset), kept across sections.
         self._last_block: str | None = None
 
@@ -103,6 +108,15 @@ class MainStreamWriter:
         self._buf.append(QEMU_VM_CONFIGURATION)
         self._buf += BE32.pack(len(self._machine))
         self._buf += self._machine
+
+    def open_return_path(self) -> None:
+        """MIG_CMD_OPEN_RETURN_PATH, then MIG_CMD_PING 1, as a QEMU source with the return-path
+        capability writes them after the header (before the RAM START section)."""
+        if self._setup_done or self._return_path:
+            raise ConfigError("open_return_path comes once, between header and ram_setup")
+        self._buf += COMMAND.pack(QEMU_VM_COMMAND, MIG_CMD_OPEN_RETURN_PATH, 0)
+        self._buf += COMMAND.pack(QEMU_VM_COMMAND, MIG_CMD_PING, 4) + BE32.pack(1)
+        self._return_path = True
 
     def ram_setup(self, blocks: Sequence[tuple[str, int]]) -> None:
         """The RAM START section header and block list (the caller then syncs and calls eos)."""
