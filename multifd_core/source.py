@@ -20,7 +20,14 @@ from . import mainstream as ms
 from . import returnpath as rp
 from . import scan
 from .boundary import library_errors
-from .errors import ChannelError, ConfigError, DestinationFailed, MigrationTimeout, ProtocolError
+from .errors import (
+    ChannelError,
+    ChannelStalled,
+    ConfigError,
+    DestinationFailed,
+    MigrationTimeout,
+    ProtocolError,
+)
 from .methods import MultiFDMethod
 from .options import SourceOptions
 from .ram import RAMBlock
@@ -221,11 +228,20 @@ class Source:
     async def explain(self, exc: ChannelError) -> None:
         """A send failed: when the destination had read the stream (it answered a PING), its
         return path says why (bounded): DestinationFailed from ``exc``, its SHUT's status or
-        none. Otherwise (the destination never read a byte) ``exc`` stands."""
+        none. Otherwise (the destination never read a byte, or the link or peer stalled: nothing
+        will come) ``exc`` stands; the wait is bounded by the idle timeout too."""
         if not (self.options.return_path and self.pongs) or self.main is None:
             return
+        if isinstance(exc, ChannelStalled):
+            return
+        idle = self.options.idle_timeout
+        bound = (
+            self.options.return_path_timeout
+            if idle is None
+            else min(idle, self.options.return_path_timeout)
+        )
         try:
-            with trio.move_on_after(self.options.return_path_timeout):
+            with trio.move_on_after(bound):
                 await self._read_return_path(self.main)
         except DestinationFailed as failed:
             raise failed from exc

@@ -616,3 +616,14 @@ def first_difference(a: bytes, b: bytes) -> str:
         if a[start : start + PAGE] != b[start : start + PAGE]:
             return f"first differing page at {start:#x}"
     return "no difference outside the legacy hole"
+
+
+def return_path_source(lab: Lab, version: str, channels: int, method: str) -> Qemu:
+    """A paused QEMU ``version`` with the pattern, multifd set, and return-path on."""
+    skip_unless_qemu(version)
+    source = lab.qemu("src", *pattern_loader(lab.tmp), version=version)
+    source.set_multifd(channels, method)
+    source.cmd(
+        "migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}]
+    )
+    return source

@@ -285,21 +285,11 @@ def lab(tmp_path: Path) -> Iterator[qh.Lab]:
         yield the_lab
 
 
-def return_path_source(lab: qh.Lab, version: str, channels: int, method: str) -> qh.Qemu:
-    qh.skip_unless_qemu(version)
-    source = lab.qemu("src", *qh.pattern_loader(lab.tmp), version=version)
-    source.set_multifd(channels, method)
-    source.cmd(
-        "migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}]
-    )
-    return source
-
-
 @pytest.mark.parametrize(
     ("version", "channels", "method"), [("7.2", 2, "zstd"), ("10.0", 4, "zlib")]
 )
 def test_capture_with_return_path(lab: qh.Lab, version: str, channels: int, method: str) -> None:
-    source = return_path_source(lab, version, channels, method)
+    source = qh.return_path_source(lab, version, channels, method)
     snap = lab.tmp / "snap"
     save, _ = lab.capture(source, snap, channels=channels, method=method)
     out = save.json()
@@ -318,7 +308,7 @@ def test_capture_with_return_path(lab: qh.Lab, version: str, channels: int, meth
 def test_refused_capture_fails_the_source(lab: qh.Lab, version: str) -> None:
     """A compression mismatch: qemu-save exits 1 with one typed line, after a SHUT with a
     failure status; QEMU ends ``failed``, never ``completed``."""
-    source = return_path_source(lab, version, 2, "zstd")
+    source = qh.return_path_source(lab, version, 2, "zstd")
     snap = lab.tmp / "snap"
     save = lab.qemu_save(snap, channels=2, method="zlib")
     assert save.port is not None
@@ -337,7 +327,7 @@ def test_refused_capture_fails_the_source(lab: qh.Lab, version: str) -> None:
 def test_restore_refused_by_qemu(lab: qh.Lab, version: str) -> None:
     """A 64 MiB capture into a 128 MiB QEMU: QEMU refuses the RAM block list, and
     ``qemu-restore`` (return path on by default) exits 1 saying the destination failed."""
-    source = return_path_source(lab, version, 2, "none")
+    source = qh.return_path_source(lab, version, 2, "none")
     snap = lab.tmp / "snap"
     lab.capture(source, snap, channels=2, method="none")
     dest = lab.qemu("dst", "-incoming", "defer", memory="128M", version=version)

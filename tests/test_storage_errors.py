@@ -87,7 +87,8 @@ def test_recv_on_a_full_disk(tmp_path: Path, small_fs: Path) -> None:
     sent, received = send_recv(tmp_path, out_dir, [src])
     line = one_line(received, "recv", "ENOSPC", os.fspath(out_dir))
     assert ".multifd-" in line  # the file it was writing
-    del sent  # may exit 0: it had sent everything before recv failed (no return path yet)
+    # the return path (on by default for send): the sender learns that recv failed
+    assert sent.rc == 1 and "DestinationFailed" in sent.err, sent
     assert names(out_dir) == []
 
 
@@ -185,5 +186,26 @@ def test_qemu_save_real_qemu_on_a_full_disk(tmp_path: Path, small_fs: Path) -> N
         rc = save.wait(60)
         err = save.stderr()
     assert info["status"] in ("completed", "failed"), info  # QEMU 7.2 waits for no answer
+    one_line(Result(rc, "", err), "qemu-save", "ENOSPC", os.fspath(snap))
+    assert names(snap) == []
+
+
+@pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
+def test_full_disk_fails_a_qemu_source_with_a_return_path(
+    tmp_path: Path, small_fs: Path, version: str
+) -> None:
+    """With QEMU's return-path capability on, a capture that runs out of disk makes the QEMU
+    source end ``failed`` (our SHUT's failure status), never ``completed`` (~3 s)."""
+    with qh.lab(tmp_path) as lab:
+        source = qh.return_path_source(lab, version, 2, "none")
+        snap = small_fs / "snap"
+        fill_up(small_fs, 512 << 10)
+        save = lab.qemu_save(snap, channels=2, method="none", timeout=20)
+        assert save.port is not None
+        source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
+        info = source.wait_migration(60)
+        rc = save.wait(60)
+        err = save.stderr()
+    assert info["status"] == "failed", info
     one_line(Result(rc, "", err), "qemu-save", "ENOSPC", os.fspath(snap))
     assert names(snap) == []
