@@ -304,19 +304,28 @@ def test_capture_with_return_path(lab: qh.Lab, version: str, channels: int, meth
     assert ms.tail.ends_with_vmdesc(device)
 
 
+#: A refused capture: QEMU's channels and method, qemu-save's, and the error qemu-save names.
+REFUSALS = {
+    "wrong-method": ((2, "zstd"), (2, "zlib"), "CompressionMismatch"),
+    "bad-stream": ((4, "none"), (2, "none"), "BadChannelId"),  # channels 2, 3 out of range
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
 @pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
-def test_refused_capture_fails_the_source(lab: qh.Lab, version: str) -> None:
-    """A compression mismatch: qemu-save exits 1 with one typed line, after a SHUT with a
-    failure status; QEMU ends ``failed``, never ``completed``."""
-    source = qh.return_path_source(lab, version, 2, "zstd")
+def test_refused_capture_fails_the_source(lab: qh.Lab, version: str, case: str) -> None:
+    """A compression mismatch, or channels this side refuses: qemu-save exits 1 with one typed
+    line, after a SHUT with a failure status; QEMU ends ``failed``, never ``completed``."""
+    (src_channels, src_method), (channels, method), error = REFUSALS[case]
+    source = qh.return_path_source(lab, version, src_channels, src_method)
     snap = lab.tmp / "snap"
-    save = lab.qemu_save(snap, channels=2, method="zlib")
+    save = lab.qemu_save(snap, channels=channels, method=method)
     assert save.port is not None
     source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
     assert save.wait(30) == 1, save.stderr()
     err = save.stderr()
     assert err.startswith("multifd qemu-save: error: ") and err.count("\n") == 1, err
-    assert "CompressionMismatch" in err, err
+    assert error in err, err
     info = source.wait_migration(30)
     assert info["status"] == "failed", (info, source.log_tail())
     assert "Sibling indicated error 1" in source.log_tail()  # our SHUT's status
