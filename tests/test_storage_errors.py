@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -170,24 +171,35 @@ def test_recv_commit_on_a_full_disk_leaves_nothing(small_fs: Path) -> None:
     assert names(small_fs / "out") == []
 
 
-def test_qemu_save_real_qemu_on_a_full_disk(tmp_path: Path, small_fs: Path) -> None:
-    """``multifd qemu-save`` of a QEMU 7.2 guest (4 MiB pattern in 64 MiB) into a full tmpfs:
-    one line with ENOSPC, the snapshot directory empty (~3 s)."""
-    qh.skip_unless_qemu("7.2")
+def capture_into_a_full_disk(
+    tmp_path: Path, small_fs: Path, version: str, *, return_path: bool
+) -> dict[str, Any]:
+    """``multifd qemu-save`` of a QEMU guest (4 MiB pattern in 64 MiB) into a full tmpfs: one
+    line with ENOSPC, the snapshot directory empty; returns QEMU's final query-migrate."""
+    qh.skip_unless_qemu(version)
     with qh.lab(tmp_path) as lab:
-        source = lab.qemu("src", *qh.pattern_loader(lab.tmp))
-        source.set_multifd(2, "none")
+        if return_path:
+            source = qh.return_path_source(lab, version, 2, "none")
+        else:
+            source = lab.qemu("src", *qh.pattern_loader(lab.tmp), version=version)
+            source.set_multifd(2, "none")
         snap = small_fs / "snap"
         fill_up(small_fs, 512 << 10)  # the pattern is sparse: leave less than it needs
         save = lab.qemu_save(snap, channels=2, method="none", timeout=20)
         assert save.port is not None
         source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
-        info = source.wait_migration(60)
+        info: dict[str, Any] = source.wait_migration(60)
         rc = save.wait(60)
         err = save.stderr()
-    assert info["status"] in ("completed", "failed"), info  # QEMU 7.2 waits for no answer
     one_line(Result(rc, "", err), "qemu-save", "ENOSPC", os.fspath(snap))
     assert names(snap) == []
+    return info
+
+
+def test_qemu_save_real_qemu_on_a_full_disk(tmp_path: Path, small_fs: Path) -> None:
+    """A QEMU 7.2 guest into a full tmpfs (~3 s)."""
+    info = capture_into_a_full_disk(tmp_path, small_fs, "7.2", return_path=False)
+    assert info["status"] in ("completed", "failed"), info  # QEMU 7.2 waits for no answer
 
 
 @pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
@@ -196,16 +208,5 @@ def test_full_disk_fails_a_qemu_source_with_a_return_path(
 ) -> None:
     """With QEMU's return-path capability on, a capture that runs out of disk makes the QEMU
     source end ``failed`` (our SHUT's failure status), never ``completed`` (~3 s)."""
-    with qh.lab(tmp_path) as lab:
-        source = qh.return_path_source(lab, version, 2, "none")
-        snap = small_fs / "snap"
-        fill_up(small_fs, 512 << 10)
-        save = lab.qemu_save(snap, channels=2, method="none", timeout=20)
-        assert save.port is not None
-        source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
-        info = source.wait_migration(60)
-        rc = save.wait(60)
-        err = save.stderr()
+    info = capture_into_a_full_disk(tmp_path, small_fs, version, return_path=True)
     assert info["status"] == "failed", info
-    one_line(Result(rc, "", err), "qemu-save", "ENOSPC", os.fspath(snap))
-    assert names(snap) == []
