@@ -95,7 +95,6 @@ class Destination:
         self.flush: str | None = None
         #: the QEMU_VM_COMMANDs of the main stream, in order (ms.MIG_CMD_NAMES)
         self.commands: list[int] = []
-        self.zero_records = 0  # zero pages that came as main-stream records (not in packets)
         #: the source opened a return path (MIG_CMD_OPEN_RETURN_PATH): PONGs and SHUT go back
         self.return_path = False
         self.shut_sent: int | None = None  # the status of the SHUT written, once it was
@@ -231,12 +230,10 @@ class Destination:
     def _on_zero_pages(self, ev: ms.ZeroPages) -> None:
         landing.fill_pages(self.blocks[ev.block], ev.offsets, ev.fills)
         self.stats.add_zero_pages(len(ev.offsets))
-        self.zero_records += len(ev.offsets)
 
     def _on_zero_page(self, ev: ms.ZeroPage) -> None:
         landing.fill_page(self.blocks[ev.block], ev.offset, ev.fill)
         self.stats.add_zero_pages(1)
-        self.zero_records += 1
 
     async def _on_round_end(self, ev: ms.RoundEnd) -> None:
         await self.state.recv_sync_main()

@@ -184,8 +184,9 @@ def stream_dialect(dst: Destination, stats: MigrationStats) -> dict[str, Any]:
     zero-page-detection=none sends them as normal pages). ``commands``: the QEMU_VM_COMMANDs
     between the RAM sections (QEMU 10.0's MIG_CMD_SWITCHOVER_START with machine types 10.0+).
     """
-    in_packets = stats.zero_pages - dst.zero_records
-    zero = [kind for kind, n in (("packets", in_packets), ("records", dst.zero_records)) if n]
+    records = stats.zero_record_pages
+    in_packets = stats.zero_pages - records
+    zero = [kind for kind, n in (("packets", in_packets), ("records", records)) if n]
     return {
         "qemu-flush": dst.flush,
         "zero-pages": "+".join(zero) or "none",

@@ -45,7 +45,8 @@ class MigrationStats:
     status: str = "setup"
     total_bytes: int = 0  # size of all blocks
     normal_pages: int = 0  # pages sent / received on multifd channels
-    zero_pages: int = 0  # pages sent / received as zero records
+    zero_pages: int = 0  # zero pages sent / received, as records or in packets
+    zero_record_pages: int = 0  # of those, the ones sent as main-stream zero records
     inline_pages: int = 0  # pages carried in the main stream
     packets: int = 0
     rounds: int = 0  # completed sync rounds (QEMU: dirty-sync-count)
@@ -117,6 +118,7 @@ class MigrationStats:
     def add_zero_pages(self, count: int) -> None:
         """``count`` pages sent or received as zero records of the main stream."""
         self.zero_pages += count
+        self.zero_record_pages += count
 
     def add_inline_pages(self, count: int) -> None:
         """``count`` pages carried whole in the main stream."""
