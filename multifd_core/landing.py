@@ -87,9 +87,15 @@ def _storage_error(fd: int, exc: OSError) -> StorageError:
 def write_page(block: RAMBlock, offset: int, data: bytes) -> None:
     """One page's bytes into the block: pwrite for a block with a file (never through its
     shared mapping: on a full file system that is a SIGBUS, pwrite an ENOSPC), else a copy."""
+    _write_at(block, offset, data)
+
+
+def _write_at(block: RAMBlock, offset: int, data: memoryview | bytes) -> None:
+    """``data`` into the block at ``offset``: see ``write_page``; a failed pwrite is a
+    StorageError naming the file."""
     fd = block.fd
     if fd is None:
-        block.host[offset : offset + block.page_size] = data
+        block.host[offset : offset + len(data)] = data
         return
     try:
         _pwrite(fd, data, offset)
@@ -160,15 +166,8 @@ def put_page(block: RAMBlock, offset: int, data: bytes) -> None:
 def write_spans(block: RAMBlock, spans: Spans, views: Sequence[memoryview]) -> None:
     """Write ``views`` (one per span, of its length) at ``spans``: pwrite when the block has a
     file, else a copy into the memory."""
-    fd = block.fd
     for (start, end), view in zip(spans, views, strict=True):
-        if fd is None:
-            block.host[start:end] = view
-            continue
-        try:
-            _pwrite(fd, view[: end - start], start)
-        except OSError as exc:
-            raise _storage_error(fd, exc) from None
+        _write_at(block, start, view[: end - start])
 
 
 # --- a packet's pages, on one channel ------------------------------------------------------
