@@ -35,7 +35,7 @@ from .ram import RAMBlock
 from .recv import MultiFDRecvChannel, MultiFDRecvState
 from .stats import MigrationStats
 from .transport import ChannelIO
-from .watchdog import watchdog
+from .watchdog import deadline_watch, watchdog
 from .wire import PacketRules, pages_per_packet
 
 #: How a destination gets its next connection: any async callable returning a trio stream
@@ -134,9 +134,14 @@ class Destination:
     # --- connections ------------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        if self.options.idle_timeout is not None:
-            with self._watching:
-                await watchdog(self.ios, self.options.idle_timeout)
+        """The watchdog and the deadline, until the migration completed (``_finish``)."""
+        idle, deadline = self.options.idle_timeout, self.options.deadline
+        with self._watching:
+            async with trio.open_nursery() as nursery:
+                if idle is not None:
+                    nursery.start_soon(watchdog, self.ios, idle, name="watchdog")
+                if deadline is not None:
+                    nursery.start_soon(deadline_watch, deadline, "destination", name="deadline")
 
     async def _run(self, nursery: trio.Nursery) -> None:
         self.stats.start()
@@ -382,7 +387,8 @@ async def open_destination(
     arrive, ``handshake_timeout`` for each connection's first bytes, ``idle_timeout`` for a
     channel that stops moving bytes (ChannelStalled; None: wait forever — the source must not
     pause longer than this between rounds), ``drain_timeout`` for the channels to close at the
-    end, ``max_blocks`` and ``max_total_bytes`` for the RAM the source may announce
+    end, ``deadline`` for the whole migration (MigrationTimeout, however steadily the source
+    trickles), ``max_blocks`` and ``max_total_bytes`` for the RAM the source may announce
     (LimitExceeded), ``max_device_state`` for the bytes after the RAM section.
     """
     opts = DestinationOptions.build(options, **changes)

@@ -56,6 +56,10 @@ class EndOptions:
     #: the return path's SHUT (QEMU's ``return-path`` capability): seconds a source waits for
     #: it after its last byte; a destination that failed writes it within this bound.
     return_path_timeout: float = 30.0
+    #: seconds the whole migration may take, from opening the end to its completion (None: no
+    #: bound); past it the migration fails with MigrationTimeout, whatever the peer still does
+    #: (a source dripping a byte a second keeps every idle timeout quiet, not this one).
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.channels <= MAX_CHANNELS:
@@ -65,7 +69,7 @@ class EndOptions:
         if isinstance(self.method, MultiFDMethod) and self.method_options:
             raise ConfigError("options go to the method object itself")
         for f in fields(self):
-            if f.name.endswith("_timeout"):
+            if f.name.endswith("_timeout") or f.name == "deadline":
                 value = getattr(self, f.name)
                 if value is not None and not value > 0:
                     raise ConfigError(f"{f.name} must be > 0 (or None), not {value}")

@@ -34,7 +34,7 @@ from .ram import RAMBlock
 from .send import MultiFDSendChannel, MultiFDSendState
 from .stats import MigrationStats
 from .transport import ChannelIO, Connector
-from .watchdog import watchdog
+from .watchdog import deadline_watch, watchdog
 from .wire import MultiFDInit, pages_per_packet, uuid_bytes
 
 #: Main-channel bytes buffered before they are written out mid-round.
@@ -82,6 +82,17 @@ class Source:
         self._shut = trio.Event()  # SHUT came, or the return path ended
         self.pongs = 0  # PONGs read: the destination was reading the stream
         self._rp_parser = rp.ReturnPathParser()
+        #: the watchdog and the deadline, cancelled once the migration completed
+        self._watching = trio.CancelScope()
+
+    async def _watch(self) -> None:
+        idle, deadline = self.options.idle_timeout, self.options.deadline
+        with self._watching:
+            async with trio.open_nursery() as nursery:
+                if idle is not None:
+                    nursery.start_soon(watchdog, self.ios, idle, name="watchdog")
+                if deadline is not None:
+                    nursery.start_soon(deadline_watch, deadline, "source", name="deadline")
 
     async def _connect(self, channel: int | None) -> ChannelIO:
         name = "main channel" if channel is None else f"channel {channel}"
@@ -174,6 +185,7 @@ class Source:
         if self.options.return_path:
             await self._await_shut()
         await self.aclose()  # the end of every stream tells the destination we are done
+        self._watching.cancel()
         self.completed = True
         self.stats.finish("completed")
         return self.stats
@@ -357,15 +369,14 @@ async def open_source(
     ``machine_type``, ``connect_timeout``, ``idle_timeout``, ``description``, ``device_state``,
     ...) come as ``options``, as keywords, or both (keywords win). ``connect_timeout`` bounds each
     connection; ``idle_timeout`` fails the migration with ChannelStalled when a send makes no
-    progress that long (a stalled destination or link; None: wait forever).
+    progress that long (a stalled destination or link; None: wait forever); ``deadline``
+    bounds the whole migration, from here to ``complete()`` (MigrationTimeout).
     """
     src = Source(list(blocks), connect, SourceOptions.build(options, **changes))
-    idle_timeout = src.options.idle_timeout
     try:
         with library_errors(src.stats):
             async with trio.open_nursery() as nursery:
-                if idle_timeout is not None:
-                    nursery.start_soon(watchdog, src.ios, idle_timeout, name="watchdog")
+                nursery.start_soon(src._watch, name="watchdog")
                 await src._setup(nursery)
                 yield src
                 if not src.completed:

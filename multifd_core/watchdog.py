@@ -9,6 +9,9 @@ no byte on any channel for ``timeout`` seconds.
 
 A peer that pauses longer than the idle timeout between rounds therefore counts as stalled:
 embedders who pause on purpose pass ``idle_timeout=None``.
+
+A peer can also keep every channel just busy enough (a byte a second): ``deadline_watch`` is the
+overall bound that catches it (the ``deadline`` option of both ends).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Sequence
 
 import trio
 
-from .errors import ChannelStalled
+from .errors import ChannelStalled, MigrationTimeout
 from .transport import IDLE, MID, ChannelIO
 
 
@@ -62,4 +65,14 @@ async def watchdog(ios: Sequence[ChannelIO], timeout: float) -> None:
             raise stall
 
 
-__all__ = ["find_stall", "watchdog"]
+async def deadline_watch(seconds: float, end: str) -> None:
+    """Raise MigrationTimeout once ``seconds`` have passed: the overall bound of a migration
+    (its ``deadline`` option), which no steady trickle of bytes resets. The caller cancels it
+    when the migration completes."""
+    await trio.sleep(seconds)
+    raise MigrationTimeout(
+        f"the {end} did not complete the migration within its deadline of {seconds:g} s"
+    )
+
+
+__all__ = ["deadline_watch", "find_stall", "watchdog"]

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -56,6 +56,15 @@ def run(*args: str, timeout: float = TIMEOUT) -> Result:
     """Run ``multifd ARGS`` to its end (at most ``timeout`` s)."""
     with spawn(*args) as proc:
         return finish(proc, timeout)
+
+
+def one_line_error(res: Any, command: str) -> str:
+    """``res`` (anything with the process's ``err``) failed with exactly one line on stderr,
+    ``multifd COMMAND: error: ...`` (no traceback); returns it."""
+    lines = res.err.strip().splitlines()
+    assert len(lines) == 1, res.err
+    assert lines[0].startswith(f"multifd {command}: error: "), res.err
+    return lines[0]
 
 
 def wait_ready_file(

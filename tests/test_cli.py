@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from procs import Result, finish, receiver, run, spawn
+from procs import finish, one_line_error, receiver, run, spawn
 
 from multifd_core.testing import random_files
 
@@ -31,14 +31,6 @@ BIOS = 256 << 10
 
 def sender(port: int, *args: str) -> list[str]:
     return ["send", "--connect", f"127.0.0.1:{port}", *args]
-
-
-def one_line_error(res: Result, command: str) -> str:
-    """The process failed with exactly one line on stderr (no traceback); returns it."""
-    lines = res.err.strip().splitlines()
-    assert len(lines) == 1, res.err
-    assert lines[0].startswith(f"multifd {command}: error: "), res.err
-    return lines[0]
 
 
 def sha256(path: Path) -> str:

@@ -56,7 +56,7 @@ if os.fspath(Path(__file__).resolve().parent) not in sys.path:  # for netsim
     sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
 import netsim
 from netsim import Conditions, Link
-from procs import wait_ready_file
+from procs import one_line_error, wait_ready_file
 
 _WHY_NOT = netsim.namespaces_unavailable()
 #: the tests that make namespaces; they are the only ones that skip, and only for this reason
@@ -220,13 +220,6 @@ def receiver(
         host, port = wait_ready_file(proc, ready, 20)
         assert host == link.dst_addr
         yield proc, port, out_dir
-
-
-def one_line_error(done: Done, command: str) -> str:
-    lines = done.err.strip().splitlines()
-    assert len(lines) == 1, done.err
-    assert lines[0].startswith(f"multifd {command}: error: "), done.err
-    return lines[0]
 
 
 # --- what TCP saw ---------------------------------------------------------------------------

@@ -50,6 +50,7 @@ def _engine(args: argparse.Namespace, only: dict[str, str]) -> dict[str, Any]:
         "method_options": method_options,
         "registry": load_methods(allow=allowed),
         "idle_timeout": args.idle_timeout,
+        "deadline": args.deadline,
     }
     out.update({key: getattr(args, name) for name, key in only.items() if name in args})
     return out

@@ -105,6 +105,14 @@ def _common(p: argparse.ArgumentParser) -> None:
         "0: never)",
     )
     p.add_argument(
+        "--deadline",
+        type=parse_timeout,
+        default=EndOptions.deadline,
+        metavar="SECONDS",
+        help="fail a migration that has not completed this long after it started (default: "
+        "none; 0: none)",
+    )
+    p.add_argument(
         "-o",
         "--method-option",
         action="append",
