@@ -19,12 +19,10 @@ import trio
 from . import landing
 from . import mainstream as ms
 from . import returnpath as rp
+from .blocks import BlockFactory, allocate_block, check_total, take_block
 from .boundary import library_errors
 from .errors import (
-    BlockMismatch,
     ChannelClosed,
-    ConfigError,
-    LimitExceeded,
     MigrationTimeout,
     MultiFDError,
     TruncatedStream,
@@ -43,13 +41,6 @@ from .wire import PacketRules, pages_per_packet
 Accept = Callable[[], Awaitable[trio.abc.Stream]]
 #: Seconds a failed destination waits after its SHUT before closing (see ``_shut_failed``).
 SHUT_GRACE = 0.1
-#: ``factory(name, size, page_size)`` makes a block the source announced.
-BlockFactory = Callable[[str, int, int], RAMBlock]
-
-
-def allocate_block(name: str, size: int, page_size: int) -> RAMBlock:
-    """The default block factory: zero-filled anonymous memory."""
-    return RAMBlock.allocate(name, size, page_size)
 
 
 class Destination:
@@ -98,6 +89,9 @@ class Destination:
         #: the source opened a return path (MIG_CMD_OPEN_RETURN_PATH): PONGs and SHUT go back
         self.return_path = False
         self.shut_sent: int | None = None  # the status of the SHUT written, once it was
+        #: every page has landed: the stream completed (with a return path, before the SHUT
+        #: that confirms it, which goes when the program leaves the block: ``confirm``)
+        self.landed = trio.Event()
         self.done = trio.Event()
         self._watching = trio.CancelScope()
         self._accepting = trio.CancelScope()
@@ -127,9 +121,28 @@ class Destination:
         return self.handshakes.source_uuid
 
     async def wait(self) -> MigrationStats:
-        """Wait until the migration has completed; returns the stats."""
-        await self.done.wait()
+        """Wait until the migration has completed (every page landed); returns the stats.
+
+        With a source that opened a return path, the SHUT that tells it so goes only when the
+        program leaves ``open_destination``'s block: work done there on the blocks (a
+        receiver's renames) that fails still fails the source."""
+        await self.landed.wait()
         return self.stats
+
+    async def confirm(self) -> None:
+        """Leaving the block: wait until every page landed, confirm it to a source with a
+        return path (SHUT success), and give it ``drain_timeout`` to close its channels."""
+        await self.landed.wait()
+        if self.return_path and self.shut_sent is None:
+            await self._shut(rp.RP_SUCCESS)
+        drain = self.options.drain_timeout
+        try:
+            with trio.fail_after(drain):
+                await self.done.wait()
+        except trio.TooSlowError:
+            raise MigrationTimeout(
+                f"the source did not close its channels within {drain} s of the end"
+            ) from None
 
     # --- connections ------------------------------------------------------------------------
 
@@ -262,10 +275,18 @@ class Destination:
         self.shut_sent = status
         await self._send_rp(rp.shut(status))
 
-    async def _on_stream_complete(self, ev: ms.StreamComplete) -> None:
-        """The source sent all (it waits for SHUT to close): every page has landed, as the
-        RAM END section's sync barrier passed; confirm it."""
-        await self._shut(rp.RP_SUCCESS)
+    def _on_stream_complete(self, ev: ms.StreamComplete) -> None:
+        """The source sent all and waits for SHUT to close: every page has landed, as the
+        RAM END section's sync barrier passed. ``confirm`` sends the SHUT; until then no page
+        may come, and the watchdog and the deadline are over (the program's own work on the
+        blocks may take its time)."""
+        self._landed()
+
+    def _landed(self) -> None:
+        self.state.completed = True
+        self._watching.cancel()
+        self.stats.finish("completed")
+        self.landed.set()
 
     def _on_page(self, ev: ms.Page) -> None:
         landing.put_page(self.blocks[ev.block], ev.offset, ev.data)
@@ -285,42 +306,12 @@ class Destination:
     def _on_vmdesc(self, ev: ms.VmDescription) -> None:
         self.vmdesc = ev.json
 
-    def _check_total(self, announced: Sequence[tuple[str, int]]) -> int:
-        total = sum(size for _, size in announced)
-        limit = self.options.max_total_bytes
-        if limit is not None and total > limit:
-            raise LimitExceeded(
-                f"the source announces {total} bytes of RAM in {len(announced)} block(s), "
-                f"more than the {limit} allowed here"
-            )
-        return total
-
-    def _block(self, name: str, size: int) -> RAMBlock:
-        """The block the source announced: one given by the program, or a new one."""
-        if self.given_blocks is None:
-            try:
-                return self.block_factory(name, size, self.page_size)
-            except (OSError, MemoryError, OverflowError) as exc:
-                raise LimitExceeded(
-                    f"cannot allocate block {name!r} of {size} bytes: {exc}"
-                ) from exc
-        block = self.given_blocks.get(name)
-        if block is None:
-            raise BlockMismatch(f"the source migrates block {name!r}, unknown here")
-        if block.size != size:
-            raise BlockMismatch(f"block {name!r} is {size} bytes at the source, {block.size} here")
-        return block
-
     def _setup_blocks(self, announced: Sequence[tuple[str, int]]) -> None:
-        total = self._check_total(announced)
-        blocks: dict[str, RAMBlock] = {}
-        for name, size in announced:
-            block = self._block(name, size)
-            if not block.writable:
-                raise ConfigError(f"block {name!r} is read-only: cannot receive into it")
-            if block.page_size != self.page_size:
-                raise ConfigError(f"block {name!r} has page size {block.page_size}")
-            blocks[name] = block
+        total = check_total(announced, self.options.max_total_bytes)
+        blocks = {
+            name: take_block(name, size, self.page_size, self.given_blocks, self.block_factory)
+            for name, size in announced
+        }
         self.blocks = blocks
         self.state.set_blocks(blocks)
         self.stats.start(total)
@@ -342,8 +333,7 @@ class Destination:
                 await self._handshakes_done.wait()
         await trio.sleep(0)  # let the accept loop take what is already in the backlog
         self._accepting.cancel()
-        self._watching.cancel()
-        self.stats.finish("completed")
+        self._landed()
         self.done.set()
 
     async def aclose(self) -> None:
@@ -380,8 +370,10 @@ async def open_destination(
     Blocks come from ``blocks`` (names and sizes must match the source's) or are made by
     ``block_factory(name, size, page_size)`` (default: zero-filled anonymous memory). The options
     (:class:`DestinationOptions`) come as ``options``, as keywords, or both (keywords win):
-    ``uuid``, when given, must match every channel's. Leaving the block waits for the migration to
-    complete; ``await dst.wait()`` does the same and returns the stats.
+    ``uuid``, when given, must match every channel's. ``await dst.wait()`` waits until every page
+    landed and returns the stats; leaving the block waits for that too, then confirms it to a
+    source with a return path (its SHUT) and lets the channels close: what the program does
+    with the blocks inside the block, after ``wait()``, decides what the source is told.
 
     Limits (each breach is a typed error naming it): ``connect_timeout`` for all connections to
     arrive, ``handshake_timeout`` for each connection's first bytes, ``idle_timeout`` for a
@@ -402,6 +394,7 @@ async def open_destination(
                 nursery.start_soon(dst._watch, name="watchdog")
                 nursery.start_soon(dst._run, nursery)
                 yield dst
+                await dst.confirm()
     finally:
         await dst.aclose()
 

@@ -28,6 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from . import mainstream as ms
 from .destination import Accept, Destination, open_destination
 from .dialect import resolve as resolve_dialect
@@ -123,16 +125,20 @@ async def qemu_save(
 
         async with open_destination(accept, opts, block_factory=factory) as dst:
             stats = await dst.wait()
-        blocks = []
-        for name, block, temp in made:
-            block.close()
-            digest = out.call(temp.name, "read", partial(sha256_fd, temp.fd))
-            blocks.append({"name": name, "size": block.size, "file": temp.final, "sha256": digest})
-        device = b"".join(dst.device_state)
-        out.write(DEVICE_STATE, device)
-        manifest = _manifest(dst, stats, opts, blocks, device)
-        out.write(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-        out.commit()
+            # in the block: QEMU hears of a failure here (its SHUT), as from a QEMU destination
+            # that fails to load the device state
+            blocks = []
+            for name, block, temp in made:
+                block.close()
+                read = partial(out.call, temp.name, "read", partial(sha256_fd, temp.fd))
+                digest = await trio.to_thread.run_sync(read)  # seconds per GiB: off the loop
+                entry = {"name": name, "size": block.size, "file": temp.final, "sha256": digest}
+                blocks.append(entry)
+            device = b"".join(dst.device_state)
+            out.write(DEVICE_STATE, device)
+            manifest = _manifest(dst, stats, opts, blocks, device)
+            out.write(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+            out.commit()
     except BaseException:
         for _, block, _ in made:
             # views of a failed migration's mapping may still be held (its frames): then the

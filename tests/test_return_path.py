@@ -10,6 +10,8 @@ failure status. Each QEMU case costs one paused 64 MiB TCG guest: about 1-2 s.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -18,8 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import trio
 
-from multifd_core import RAMBlock, errors
+from multifd_core import (
+    RAMBlock,
+    errors,
+    migrate,
+    open_destination,
+    open_tcp_acceptor,
+    tcp_connector,
+)
 from multifd_core import mainstream as ms
 from multifd_core import returnpath as rp
 from multifd_core.mainstream import MainStreamParser
@@ -263,6 +273,45 @@ async def test_a_refused_block_fails_the_source() -> None:
     assert isinstance(run.dst.error, errors.BlockMismatch), run.dst.error
     assert isinstance(run.src_error, errors.DestinationFailed), run.src_error
     assert run.src_error.shut_status == rp.RP_FAILURE
+
+
+@pytest.mark.parametrize("work_fails", [False, True])
+async def test_the_shut_waits_for_the_programs_work_in_the_block(work_fails: bool) -> None:
+    """Every page has landed at ``wait()``, but the SHUT goes only when the program leaves the
+    block: the source is still waiting for it meanwhile, and work there that fails (a
+    receiver's renames, a digest check) fails the source with DestinationFailed instead of a
+    ``completed`` it would have been told before."""
+    block = pages(4)
+    src_result: list[BaseException | str] = []
+    async with await open_tcp_acceptor("127.0.0.1", 0) as accept:
+
+        async def source() -> None:
+            try:
+                stats = await migrate(
+                    [block], tcp_connector("127.0.0.1", accept.port), return_path=True
+                )
+                src_result.append(stats.status)
+            except errors.MultiFDError as exc:
+                src_result.append(exc)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(source)
+                with contextlib.suppress(errors.StorageError):
+                    async with open_destination(accept) as dst:
+                        await dst.wait()
+                        assert dst.shut_sent is None
+                        await trio.sleep(0.3)  # the program's own work takes its time
+                        assert not src_result  # the source still waits for the SHUT
+                        assert bytes(dst.blocks["ram"].host) == bytes(block.host)
+                        if work_fails:
+                            raise errors.StorageError("DIR/x", errno.ENOSPC, "rename")
+    if work_fails:
+        assert dst.shut_sent == rp.RP_FAILURE
+        assert isinstance(src_result[0], errors.DestinationFailed), src_result
+    else:
+        assert dst.shut_sent == rp.RP_SUCCESS and src_result == ["completed"]
+        assert dst.stats.status == "completed"
 
 
 def test_writer_opens_the_return_path_after_the_header() -> None:

@@ -62,7 +62,8 @@ async def cmd_recv(args: argparse.Namespace) -> dict[str, Any]:
                 block_factory=received.block_factory,
             ) as dst:
                 stats = await dst.wait()
-        received.commit(dst.vmdesc)
+                # in the block: a failure to check or rename still fails the source (its SHUT)
+                received.commit(dst.vmdesc)
         ok = True
     finally:
         if not ok:
