@@ -58,7 +58,9 @@ def library_errors(stats: MigrationStats | None = None) -> Iterator[None]:
                 stats.finish("failed", picked or group)
         if picked is None:
             raise
-        raise picked from None
+        # the one exception stands for the group: its own cause stays (an OSError under a
+        # ChannelError, the program's cause under its exception), the group's context goes
+        raise picked from picked.__cause__
     except trio.Cancelled:
         if stats is not None:
             stats.finish("cancelled")

@@ -86,7 +86,7 @@ class OutputDir:
         try:
             return fn()
         except OSError as exc:
-            raise StorageError(path, exc.errno or errno.EIO, action) from None
+            raise StorageError(path, exc.errno or errno.EIO, action) from exc
 
     def exists(self, name: str) -> bool:
         try:
@@ -94,7 +94,7 @@ class OutputDir:
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise StorageError(self.label(name), exc.errno or errno.EIO, "look up") from None
+            raise StorageError(self.label(name), exc.errno or errno.EIO, "look up") from exc
         return True
 
     def claim(self, final: str) -> None:
@@ -117,7 +117,7 @@ class OutputDir:
                 continue  # 2**64 names: someone made this one; never touch it
             except OSError as exc:
                 self._claimed.discard(final)
-                raise StorageError(self.label(name), exc.errno or errno.EIO, "create") from None
+                raise StorageError(self.label(name), exc.errno or errno.EIO, "create") from exc
             st = os.fstat(fd)
             temp = Temp(name, final, fd, (st.st_dev, st.st_ino))
             self.temps.append(temp)

@@ -138,7 +138,7 @@ def _clear_stale(path: str) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise ConfigError(f"cannot listen on unix socket {path!r}: {exc.strerror}") from None
+        raise ConfigError(f"cannot listen on unix socket {path!r}: {exc.strerror}") from exc
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"cannot listen on unix socket {path!r}: it exists and is not a socket")
     err = _probe(path)
@@ -168,7 +168,7 @@ async def open_unix_acceptor(path: str | os.PathLike[str], *, backlog: int = 64)
             await sock.bind(where)
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise ConfigError(f"cannot listen on unix socket {where!r}: {reason}") from None
+            raise ConfigError(f"cannot listen on unix socket {where!r}: {reason}") from exc
         made = None if abstract else _file_id(where)
         sock.listen(backlog)
     except BaseException:
