@@ -62,11 +62,14 @@ Spans = Sequence[tuple[int, int]]
 def mark_written(block: RAMBlock, offsets: Sequence[int]) -> None:
     """The pages at ``offsets`` now hold the bytes that landed there (see the module's rule)."""
     written = block.written
-    if written is not None:
+    if written is not None and offsets:
         ps = block.page_size
-        if len(offsets) == 1:  # a main-stream page
-            written.set(offsets[0] // ps)
-        else:  # a packet's pages, in C
+        low, high = min(offsets), max(offsets)
+        if high - low == (len(offsets) - 1) * ps:  # one run (a page, a packet's usual pages)
+            # every page lies in [low, high]: marking the whole run marks them all (more only
+            # with repeats, and a page marked written but zero only costs a zero write)
+            written.set_range(low // ps, high // ps + 1)
+        else:  # scattered pages, in C
             written.set_pages(np.fromiter(offsets, np.int64, len(offsets)) // ps)
 
 

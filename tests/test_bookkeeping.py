@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from peers import connect_channel, sync_packet
 from procs import finish, receiver
 
-from multifd_core import RAMBlock, bitmap
+from multifd_core import RAMBlock, bitmap, landing
 from multifd_core.bitmap import PageBitmap, iter_set
 from multifd_core.mainstream import MainStreamWriter
 from multifd_core.returnpath import MIG_RP_MSG_PONG, ReturnPathParser
@@ -85,6 +85,21 @@ def test_page_bitmap_matches_a_bool_per_page(monkeypatch, npages, ops, window) -
     probe = list(range(npages))
     assert bm.test_pages(probe).tolist() == model.tolist()
     assert [bm.test(p) for p in probe] == model.tolist()
+
+
+@given(pages=st.lists(st.integers(0, 63), min_size=1, max_size=20))
+def test_mark_written_marks_every_page_and_none_outside_their_span(pages: list[int]) -> None:
+    """landing.mark_written: a run (in any order) is marked as one range, scattered pages one by
+    one; either way every page is marked (one left out would keep stale data under a later
+    zero record), and nothing outside [lowest, highest]."""
+    block = RAMBlock.allocate("ram", 64 * PS)
+    landing.mark_written(block, [p * PS for p in pages])
+    assert block.written is not None
+    marked = set(iter_set(block.written))
+    assert set(pages) <= marked <= set(range(min(pages), max(pages) + 1))
+    if len(set(pages)) == len(pages):  # no repeats: exactly the pages
+        assert marked == set(pages)
+    block.close()
 
 
 def _status_kib(field: str, pid: int | str = "self") -> int:
