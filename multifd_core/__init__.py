@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .bitmap import PageBitmap
 from .destination import Accept, Destination, open_destination, receive
 from .errors import *  # noqa: F403
 from .errors import MultiFDError
@@ -45,6 +46,7 @@ __all__ = [
     "MethodRegistry",
     "MultiFDError",
     "MultiFDMethod",
+    "PageBitmap",
     "RAMBlock",
     "RecvContext",
     "SendContext",

@@ -62,10 +62,15 @@ Spans = Sequence[tuple[int, int]]
 def mark_written(block: RAMBlock, offsets: Sequence[int]) -> None:
     """The pages at ``offsets`` now hold the bytes that landed there (see the module's rule)."""
     written = block.written
-    if written is not None:
+    if written is not None and offsets:
         ps = block.page_size
-        for off in offsets:
-            written[off // ps] = 1
+        low, high = min(offsets), max(offsets)
+        if high - low == (len(offsets) - 1) * ps:  # one run (a page, a packet's usual pages)
+            # every page lies in [low, high]: marking the whole run marks them all (more only
+            # with repeats, and a page marked written but zero only costs a zero write)
+            written.set_range(low // ps, high // ps + 1)
+        else:  # scattered pages, in C
+            written.set_pages(np.fromiter(offsets, np.int64, len(offsets)) // ps)
 
 
 def _pwrite(fd: int, view: memoryview | bytes, offset: int) -> None:
@@ -110,9 +115,9 @@ def fill_page(block: RAMBlock, offset: int, fill: int = 0) -> None:
     written = block.written
     if fill == 0:
         if written is not None:
-            if written[offset // ps]:
+            if written.test(offset // ps):
                 write_page(block, offset, zero_page(ps))
-                written[offset // ps] = 0
+                written.clear(offset // ps)
         elif not block.is_zero_page(offset):
             write_page(block, offset, zero_page(ps))
     else:
@@ -130,11 +135,10 @@ def fill_pages(block: RAMBlock, offsets: np.ndarray[Any, Any], fills: np.ndarray
         for off, fill in zip(offsets[other].tolist(), fills[other].tolist(), strict=True):
             fill_page(block, off, fill)
         idx = idx[~other]
-    if block.written is not None:
-        written = np.frombuffer(block.written, dtype=np.uint8)
-        dirty = idx[written[idx] != 0]  # only pages written before can be non-zero
-        written[dirty] = 0
-        del written
+    written = block.written
+    if written is not None:
+        dirty = idx[written.test_pages(idx)]  # only pages written before can be non-zero
+        written.clear_pages(dirty)
         for off in (dirty * ps).tolist():
             write_page(block, off, zero_page(ps))
         return

@@ -2,19 +2,21 @@
 
 QEMU's RAMBlock, reduced to what migration needs. The backing memory is any writable buffer
 (bytearray, mmap of a file, a numpy array, ...); the block keeps a memoryview of it and never
-copies it. The dirty bitmap holds one byte per page so that finding dirty pages is a C-level
-``bytearray.find``.
+copies it. Its bookkeeping is one bit per page (bitmap.py's PageBitmap): the dirty bitmap a
+source's app marks, and the written bitmap a destination keeps.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from .bitmap import PageBitmap, iter_set
 from .errors import ConfigError
 from .wire import check_page_size, encode_block_name
 
@@ -41,6 +43,18 @@ class RAMBlock:
 
     ``memory`` must be a C-contiguous buffer whose size is a multiple of ``page_size``; it must be
     writable for a destination (a source may send from read-only memory).
+
+    The bookkeeping costs at most one bit per page beside the memory (32 MiB for 1 TiB of 4 KiB
+    pages), and only the bits a block needs:
+
+    - the dirty bitmap (``mark_dirty``, taken by ``sync_dirty_bitmap``) is made at the first
+      mark: a destination never has one. A source holds one more while a round sends the one
+      it took (the pages marked meanwhile go to the next round);
+    - ``written`` (a ``known_zero`` block only, kept by landing.py on a destination) tells which
+      pages were written, so that a zero record for any other page costs nothing.
+
+    Both are ``np.zeros`` (calloc): for a large block, fresh zero memory whose pages cost
+    nothing until a bit in them is set.
     """
 
     def __init__(
@@ -70,11 +84,12 @@ class RAMBlock:
         self.size = len(mv)
         self.page_size = page_size
         self.npages = self.size // page_size
-        self._dirty = bytearray(self.npages)
+        self._dirty: PageBitmap | None = None  # made at the first mark (see the docstring)
+        self._dirty_lock = threading.Lock()  # marks from any thread, against the swap
         # known_zero: the memory is all zero now (fresh anonymous memory, a new file); then
         # ``written`` tracks which pages a destination wrote (landing.py keeps it), and zero
         # records for the others cost nothing (testing them would fault every page in)
-        self.written: bytearray | None = bytearray(self.npages) if known_zero else None
+        self.written: PageBitmap | None = PageBitmap(self.npages) if known_zero else None
         # bytearray/bytes compare in place; other buffers (mmap, arrays) through a page copy
         self._direct = memory if type(memory) in (bytearray, bytes) else None
         # fd: the file that ``memory`` maps (shared), owned by the block. A destination writes
@@ -189,29 +204,48 @@ class RAMBlock:
     # --- dirty tracking (the app marks, migration collects) --------------------------------
 
     def mark_dirty(self, offset: int, length: int = 1) -> None:
-        """Mark every page touching ``[offset, offset + length)`` dirty."""
+        """Mark every page touching ``[offset, offset + length)`` dirty, after changing them.
+
+        Thread-safe: any thread (a vCPU-like writer) may mark while the migration takes the
+        bitmap; a mark lands either in the round being taken or in the next one, never lost."""
         if offset < 0 or length <= 0 or offset + length > self.size:
             raise ConfigError(f"block {self.name!r}: range {offset}+{length} outside the block")
         first = offset // self.page_size
         last = (offset + length - 1) // self.page_size
-        self._dirty[first : last + 1] = b"\1" * (last - first + 1)
+        with self._dirty_lock:
+            bitmap = self._dirty_bitmap()
+            if first == last:
+                bitmap.set(first)
+            else:
+                bitmap.set_range(first, last + 1)
 
     def mark_all_dirty(self) -> None:
-        self._dirty[:] = b"\1" * self.npages
+        """Mark every page dirty (thread-safe, as ``mark_dirty``)."""
+        with self._dirty_lock:
+            self._dirty_bitmap().set_all()
+
+    def _dirty_bitmap(self) -> PageBitmap:
+        """The dirty bitmap, made at the first mark since the last sync (under the lock)."""
+        bitmap = self._dirty
+        if bitmap is None:
+            bitmap = self._dirty = PageBitmap(self.npages)
+        return bitmap
 
     def dirty_count(self) -> int:
-        return self._dirty.count(1)
+        """Pages marked dirty since the last sync (a popcount of the bitmap)."""
+        bitmap = self._dirty
+        return 0 if bitmap is None else bitmap.count()
 
-    def sync_dirty_bitmap(self) -> bytearray:
-        """Take the dirty bitmap and start a fresh one (QEMU's migration_bitmap_sync)."""
-        taken, self._dirty = self._dirty, bytearray(self.npages)
-        return taken
+    def sync_dirty_bitmap(self) -> PageBitmap:
+        """Take the dirty bitmap, one bit per page (QEMU's migration_bitmap_sync); the next
+        mark starts a fresh one. Thread-safe against ``mark_dirty``."""
+        with self._dirty_lock:
+            taken, self._dirty = self._dirty, None
+        return PageBitmap(self.npages) if taken is None else taken
 
 
-def iter_dirty(bitmap: bytearray, page_size: int) -> Iterator[int]:
-    """Yield the byte offsets of the pages set in ``bitmap``, in order (C-level search)."""
-    find = bitmap.find
-    i = find(1)
-    while i >= 0:
-        yield i * page_size
-        i = find(1, i + 1)
+def iter_dirty(bitmap: PageBitmap, page_size: int) -> Iterator[int]:
+    """Yield the byte offsets of the pages set in ``bitmap``, in order (a window of the bitmap
+    unpacked at a time)."""
+    for page in iter_set(bitmap):
+        yield page * page_size

@@ -2,9 +2,10 @@
 
 QEMU's ram_find_and_save_block walks the dirty bitmap page by page and tests each page with
 buffer_is_zero. Here a whole window of pages is classified at once: the dirty pages of the window
-(``flatnonzero`` of the byte-per-page bitmap) split into zero pages and normal pages by an OR
-reduction over each page's 64-bit words. A worker thread classifies the next window while the
-event loop sends the current one (numpy releases the GIL in its reductions).
+(the window's bits of the one-bit-per-page bitmap unpacked, then ``flatnonzero``) split into
+zero pages and normal pages by an OR reduction over each page's 64-bit words. A worker thread
+classifies the next window while the event loop sends the current one (numpy releases the GIL
+in its reductions).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any
 import numpy as np
 import trio
 
+from .bitmap import PageBitmap
 from .ram import RAMBlock, nonzero_rows
 
-#: Pages classified per window: 64 MiB of 4 KiB pages. A partly dirty window copies only its
-#: dirty pages (at most the window) to test them.
+#: Pages classified per window: 64 MiB of 4 KiB pages, 2 KiB of the bitmap (16 KiB unpacked). A
+#: partly dirty window copies only its dirty pages (at most the window) to test them.
 WINDOW = 16384
 #: Windows classified ahead of the one being sent.
 AHEAD = 1
@@ -27,14 +29,9 @@ Indexes = np.ndarray[Any, np.dtype[np.int64]]
 Window = tuple[int, int, Indexes, Indexes]
 
 
-def _dirty(bitmap: bytearray, start: int, stop: int) -> Indexes:
-    """The dirty pages of ``[start, stop)``, from ``start``."""
-    return np.flatnonzero(np.frombuffer(bitmap, dtype=np.uint8, count=stop - start, offset=start))
-
-
 def classify(
     words: np.ndarray[Any, np.dtype[np.uint64]],
-    bitmap: bytearray,
+    bitmap: PageBitmap,
     start: int,
     stop: int,
     extents: list[tuple[int, int]] | None = None,
@@ -43,7 +40,7 @@ def classify(
 
     ``extents`` (RAMBlock.data_extents): the page ranges that may hold data; the pages outside
     them are zero and are not read. None: every page is read."""
-    dirty = _dirty(bitmap, start, stop)
+    dirty = bitmap.pages(start, stop)
     if not len(dirty):
         return dirty, dirty
     if extents is None:
@@ -66,7 +63,7 @@ def classify(
 def classify_block(
     block: RAMBlock,
     words: np.ndarray[Any, np.dtype[np.uint64]],
-    bitmap: bytearray,
+    bitmap: PageBitmap,
     start: int,
     stop: int,
     detect_zero: bool = True,
@@ -75,14 +72,14 @@ def classify_block(
     ``detect_zero`` False: no page is read, every dirty page is normal (QEMU's
     zero-page-detection=none)."""
     if not detect_zero:
-        dirty = _dirty(bitmap, start, stop) + start
+        dirty = bitmap.pages(start, stop) + start
         return dirty, dirty[:0]
     return classify(words, bitmap, start, stop, block.data_extents(start, stop))
 
 
 async def produce_windows(
     block: RAMBlock,
-    bitmap: bytearray,
+    bitmap: PageBitmap,
     send: trio.MemorySendChannel[Window],
     window: int = WINDOW,
     *,
@@ -98,7 +95,7 @@ async def produce_windows(
     async with send:
         for start in range(0, block.npages, window):
             stop = min(start + window, block.npages)
-            if bitmap.find(1, start, stop) < 0:
+            if not bitmap.any(start, stop):
                 continue  # nothing dirty here: not worth a thread
             normal, zero = await trio.to_thread.run_sync(
                 classify_block, block, words, bitmap, start, stop, detect_zero

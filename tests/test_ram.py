@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from multifd_core import RAMBlock
+from multifd_core.bitmap import PageBitmap
 from multifd_core.errors import ConfigError
 from multifd_core.ram import iter_dirty
 
@@ -40,7 +41,7 @@ def test_bad_blocks() -> None:
         RAMBlock("ram", bytearray(PS), page_size=3000)
 
 
-def _dirty_image_block(backing: str, npages: int = 300) -> tuple[RAMBlock, bytearray]:
+def _dirty_image_block(backing: str, npages: int = 300) -> tuple[RAMBlock, PageBitmap]:
     import random
 
     from multifd_core.image import vm_like_image
@@ -160,18 +161,18 @@ def test_file_holes_are_zero_pages_never_read(tmp_path, where: str, partly_dirty
                 pytest.skip("this file system cannot list data extents")
             covered = {p for a, z in extents for p in range(a, z)}
             assert set(data_pages) <= covered and len(covered) < 64  # holes are not data
-            bitmap = bytearray(b"\x01" * npages)
+            bitmap = PageBitmap(npages)
             if partly_dirty:
-                bitmap = bytearray(npages)
-                for p in [0, 3, 4, 701, 1000, 2048, 4095]:
-                    bitmap[p] = 1
+                bitmap.set_pages([0, 3, 4, 701, 1000, 2048, 4095])
+            else:
+                bitmap.set_all()
             normal: list[int] = []
             zero: list[int] = []
             for start in range(0, npages, 1000):  # windows cut inside extents and holes
                 n, z = classify_block(b, b.page_words(), bitmap, start, min(start + 1000, npages))
                 normal += n.tolist()
                 zero += z.tolist()
-            dirty = [p for p in range(npages) if bitmap[p]]
+            dirty = [p for p in range(npages) if bitmap.test(p)]
             want_normal = [p for p in dirty if p in data_pages and p != data_pages[1]]
             assert normal == want_normal
             assert zero == [p for p in dirty if p not in want_normal]
@@ -196,7 +197,9 @@ def test_finely_fragmented_file_is_read_instead(tmp_path, monkeypatch) -> None:
         if b.data_extents(0, 4) is None:
             pytest.skip("this file system cannot list data extents")
         assert b.data_extents(0, 64) is None
-        n, z = classify_block(b, b.page_words(), bytearray(b"\x01" * 64), 0, 64)
+        every = PageBitmap(64)
+        every.set_all()
+        n, z = classify_block(b, b.page_words(), every, 0, 64)
         assert n.tolist() == [p for p in data_pages if p != data_pages[1]]
         assert len(n) + len(z) == 64
     finally:

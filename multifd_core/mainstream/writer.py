@@ -115,8 +115,16 @@ class MainStreamWriter:
         if self._setup_done or self._return_path:
             raise ConfigError("open_return_path comes once, between header and ram_setup")
         self._buf += COMMAND.pack(QEMU_VM_COMMAND, MIG_CMD_OPEN_RETURN_PATH, 0)
-        self._buf += COMMAND.pack(QEMU_VM_COMMAND, MIG_CMD_PING, 4) + BE32.pack(1)
         self._return_path = True
+        self.ping(1)
+
+    def ping(self, value: int) -> None:
+        """MIG_CMD_PING ``value`` (be32): the destination answers with a PONG of the same value
+        once it has read the stream up to here. After ``open_return_path``, outside a RAM
+        section."""
+        if not self._return_path or self._in_section:
+            raise ConfigError("ping needs an open return path and no RAM section open")
+        self._buf += COMMAND.pack(QEMU_VM_COMMAND, MIG_CMD_PING, 4) + BE32.pack(value)
 
     def ram_setup(self, blocks: Sequence[tuple[str, int]]) -> None:
         """The RAM START section header and block list (the caller then syncs and calls eos)."""
