@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from . import landing
+from . import integrity, landing
 from . import mainstream as ms
 from . import returnpath as rp
 from .boundary import library_errors
@@ -36,7 +36,7 @@ from .recv import MultiFDRecvChannel, MultiFDRecvState
 from .stats import MigrationStats
 from .transport import ChannelIO
 from .watchdog import watchdog
-from .wire import PacketRules, pages_per_packet
+from .wire import MULTIFD_EXT_PACKET_CHECKSUM, PacketRules, pages_per_packet
 
 #: How a destination gets its next connection: any async callable returning a trio stream
 #: (``open_tcp_acceptor(...)``, ``MemoryNetwork.accept``, a TLS acceptor, ...).
@@ -99,6 +99,7 @@ class Destination:
         self.return_path = False
         self.shut_sent: int | None = None  # the status of the SHUT written, once it was
         self.done = trio.Event()
+        self._verified = False  # the content digests were checked (_verify)
         self._watching = trio.CancelScope()
         self._accepting = trio.CancelScope()
         self._handshakes = 0
@@ -192,6 +193,7 @@ class Destination:
         ch = MultiFDRecvChannel(
             conn.id, io, self.method, self.method.recv_setup(conn.id), self.state, self.limiter
         )
+        ch.checksums = bool(conn.features & MULTIFD_EXT_PACKET_CHECKSUM)  # integrity.py
         self.state.channels[conn.id] = ch
         await ch.multifd_recv_thread()
 
@@ -259,8 +261,18 @@ class Destination:
 
     async def _on_stream_complete(self, ev: ms.StreamComplete) -> None:
         """The source sent all (it waits for SHUT to close): every page has landed, as the
-        RAM END section's sync barrier passed; confirm it."""
+        RAM END section's sync barrier passed; confirm it (once the content digests agree)."""
+        await self._verify()
         await self._shut(rp.RP_SUCCESS)
+
+    async def _verify(self) -> None:
+        """Every page landed: check the source's content digests, once (integrity.py)."""
+        if not self._verified:
+            self._verified = True
+            checked = await integrity.verify_blocks(
+                self.blocks, self.vmdesc, self.limiter, required=self.options.verify
+            )
+            self.stats.add_verified_blocks(checked)
 
     def _on_page(self, ev: ms.Page) -> None:
         landing.put_page(self.blocks[ev.block], ev.offset, ev.data)
@@ -331,6 +343,7 @@ class Destination:
             raise MigrationTimeout(
                 f"channels still open {drain} s after the end of the migration"
             ) from None
+        await self._verify()  # every page landed
         # a connection still in its handshake may be an extra channel: hear it out first
         with trio.move_on_after(self.options.handshake_timeout):
             while self._handshakes:

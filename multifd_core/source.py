@@ -16,9 +16,9 @@ from typing import Any
 import trio
 
 from . import dialect as _dialect
+from . import integrity, scan
 from . import mainstream as ms
 from . import returnpath as rp
-from . import scan
 from .boundary import library_errors
 from .errors import (
     ChannelError,
@@ -35,7 +35,7 @@ from .send import MultiFDSendChannel, MultiFDSendState
 from .stats import MigrationStats
 from .transport import ChannelIO, Connector
 from .watchdog import watchdog
-from .wire import MultiFDInit, pages_per_packet, uuid_bytes
+from .wire import MULTIFD_EXT_PACKET_CHECKSUM, MultiFDInit, pages_per_packet, uuid_bytes
 
 #: Main-channel bytes buffered before they are written out mid-round.
 MAIN_FLUSH_BYTES = 256 * 1024
@@ -105,9 +105,11 @@ class Source:
         if self.options.return_path:
             nursery.start_soon(self._read_return_path, self.main, name="return path")
         chans = self.channels
+        checksums = self.options.integrity
+        features = MULTIFD_EXT_PACKET_CHECKSUM if checksums else 0
         for i in range(self.num_channels):
             io = await self._connect(i)
-            await io.send_all(MultiFDInit(i, self.uuid).encode())  # QEMU reads it at accept
+            await io.send_all(MultiFDInit(i, self.uuid, features=features).encode())  # at accept
             chans.append(
                 MultiFDSendChannel(
                     i,
@@ -118,6 +120,7 @@ class Source:
                     self.stats,
                     self.limiter,
                     zero_pages_field=self.dialect.zero_pages_in_packets,
+                    checksums=checksums,
                 )
             )
         self.state = MultiFDSendState(chans, self.pages_per_packet)
@@ -314,9 +317,13 @@ class Source:
         else:
             w.section_part()
         sent = 0
-        for block in self.blocks:
-            sent += await self._send_block(block)
-        await self._sync()
+        digests: dict[str, str] = {}
+        async with trio.open_nursery() as digesting:
+            if last and self.options.verify:  # the content is final: digest it beside the sends
+                digesting.start_soon(self._digest, digests)
+            for block in self.blocks:
+                sent += await self._send_block(block)
+            await self._sync()
         w.eos()
         device_state = self.options.device_state
         if last and device_state is None:
@@ -324,6 +331,9 @@ class Source:
             description = self.options.description
             if description is None and self.options.return_path:  # where its stream ends
                 description = b'{"page_size": %d, "devices": []}' % self.page_size
+            if self.options.verify:
+                description = integrity.with_digests(description, digests)
+                self.stats.add_verified_blocks(len(digests))
             if description is not None:
                 w.vmdesc(description)
         await self._flush_main()
@@ -332,6 +342,9 @@ class Source:
             await self._send_main(device_state)
         self.stats.round_done()
         return sent
+
+    async def _digest(self, out: dict[str, str]) -> None:
+        out.update(await integrity.digest_blocks(self.blocks, self.limiter))
 
     async def aclose(self) -> None:
         for ch in self.channels:  # channels whose task never started
