@@ -191,9 +191,14 @@ class Destination:
             return
         io.channel = conn.id
         ch = MultiFDRecvChannel(
-            conn.id, io, self.method, self.method.recv_setup(conn.id), self.state, self.limiter
+            conn.id,
+            io,
+            self.method,
+            self.method.recv_setup(conn.id),
+            self.state,
+            self.limiter,
+            checksums=bool(conn.features & MULTIFD_EXT_PACKET_CHECKSUM),  # integrity.py
         )
-        ch.checksums = bool(conn.features & MULTIFD_EXT_PACKET_CHECKSUM)  # integrity.py
         self.state.channels[conn.id] = ch
         await ch.multifd_recv_thread()
 

@@ -83,6 +83,8 @@ class MultiFDRecvChannel:
         ctx: RecvContext,
         state: MultiFDRecvState,
         limiter: trio.CapacityLimiter,
+        *,
+        checksums: bool = False,
     ) -> None:
         self.id = id
         self.io = io
@@ -90,7 +92,7 @@ class MultiFDRecvChannel:
         self.state = state
         self.sem_sync = trio.Semaphore(0)
         #: its init packet announced packet checksums: check every packet (integrity.py)
-        self.checksums = False
+        self.checksums = checksums
         self.cstats = state.stats.add_channel(id)
         rules = state.rules
         self.landing = PacketLanding(io, method, ctx, limiter, rules.max_pages * rules.page_size)

@@ -40,6 +40,8 @@ from .wire import MULTIFD_EXT_PACKET_CHECKSUM, MultiFDInit, pages_per_packet, uu
 #: Main-channel bytes buffered before they are written out mid-round.
 MAIN_FLUSH_BYTES = 256 * 1024
 _NO_SHUT = "the destination ended its return path without a SHUT: it failed"
+#: With ``verify``, the SHUT may come this many times the source's own digest time later.
+VERIFY_SLACK = 4
 
 
 class Source:
@@ -82,6 +84,7 @@ class Source:
         self._shut = trio.Event()  # SHUT came, or the return path ended
         self.pongs = 0  # PONGs read: the destination was reading the stream
         self._rp_parser = rp.ReturnPathParser()
+        self._digest_seconds = 0.0  # how long the content digests took (verify)
 
     async def _connect(self, channel: int | None) -> ChannelIO:
         name = "main channel" if channel is None else f"channel {channel}"
@@ -252,7 +255,9 @@ class Source:
             raise DestinationFailed(_NO_SHUT) from exc
 
     async def _await_shut(self) -> None:
-        timeout = self.options.return_path_timeout
+        # with verify, the destination digests every block before its SHUT: as long as this
+        # side took for the same work, give or take (VERIFY_SLACK)
+        timeout = self.options.return_path_timeout + VERIFY_SLACK * self._digest_seconds
         with trio.move_on_after(timeout):
             await self._shut.wait()
         if not self._shut.is_set():
@@ -344,7 +349,9 @@ class Source:
         return sent
 
     async def _digest(self, out: dict[str, str]) -> None:
+        start = trio.current_time()
         out.update(await integrity.digest_blocks(self.blocks, self.limiter))
+        self._digest_seconds = trio.current_time() - start
 
     async def aclose(self) -> None:
         for ch in self.channels:  # channels whose task never started
