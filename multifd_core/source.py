@@ -377,7 +377,9 @@ async def open_source(
     ``machine_type``, ``connect_timeout``, ``idle_timeout``, ``description``, ``device_state``,
     ...) come as ``options``, as keywords, or both (keywords win). ``connect_timeout`` bounds each
     connection; ``idle_timeout`` fails the migration with ChannelStalled when a send makes no
-    progress that long (a stalled destination or link; None: wait forever).
+    progress that long (a stalled destination or link; None: wait forever). ``integrity`` (on by
+    default) puts a checksum in every packet, ``verify`` sends each block's content digest after
+    the last round; a destination of this library checks both (docs/wire-extensions.md).
     """
     src = Source(list(blocks), connect, SourceOptions.build(options, **changes))
     idle_timeout = src.options.idle_timeout
