@@ -43,9 +43,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MiB = 1 << 20
 GiB = 1 << 30
-SECTIONS = ("codec", "iperf3", "python", "qemu", "qemu-save")
+SECTIONS = ("codec", "iperf3", "python", "integrity", "qemu", "qemu-save")
 PY_METHODS = ("none", "zlib", "zstd", "lz4")
 QEMU_METHODS = ("none", "zlib", "zstd")
+INTEGRITY_METHODS = ("none", "zstd")
+#: integrity section: mode -> (send's options, recv's options); packet checksums are on by default
+INTEGRITY_MODES = {
+    "off": (["--no-integrity"], []),
+    "on": ([], []),
+    "on+verify": (["--verify"], ["--verify"]),
+}
 CODEC_METHODS = ("zlib", "zstd", "lz4")
 LOAD_GUEST_ADDR = 0x100000  # where -device loader puts the pattern in the guest
 RSS_SLACK = 64 * MiB
@@ -196,7 +203,7 @@ class Bench:
     def make_images(self, workdir: Path) -> None:
         cfg = self.cfg
         self.images = im = Images(workdir)
-        need_vm = {"python", "codec", "qemu", "qemu-save"} & set(cfg.sections)
+        need_vm = {"python", "integrity", "codec", "qemu", "qemu-save"} & set(cfg.sections)
         need_pattern = {"qemu", "qemu-save"} & set(cfg.sections) and cfg.qemu
         if need_vm:
             im.vm = workdir / "vm.img"
@@ -346,9 +353,35 @@ class Bench:
             self.children.close()
             shutil.rmtree(d, ignore_errors=True)
 
-    def python_once(self, image: str, method: str, channels: int) -> dict[str, Any]:
+    # --- integrity: the same migration with packet checksums off, on, and with --verify ------
+
+    def section_integrity(self) -> None:
+        methods = [m for m in INTEGRITY_METHODS if m in self.cfg.methods]
+        for rep in range(self.cfg.reps):
+            for method in methods:
+                for mode, (send_args, recv_args) in INTEGRITY_MODES.items():  # side by side
+                    tag = f"integrity {mode} vm {method} 2ch rep {rep + 1}/{self.cfg.reps}"
+                    try:
+                        row = self.python_once("vm", method, 2, send_args, recv_args)
+                    except BenchError as exc:
+                        row = {"method": method, "channels": 2, "error": str(exc)}
+                        self.note(f"{tag}: {exc}")
+                    row.update(integrity=mode, rep=rep)
+                    self.doc["integrity"].append(row)
+                    if "wall_s" in row:
+                        log(f"{tag}: {row['wall_s']:.3f} s wall, {row['send_lib_s']:.3f} s lib")
+
+    def python_once(
+        self,
+        image: str,
+        method: str,
+        channels: int,
+        send_args: list[str] | None = None,
+        recv_args: list[str] | None = None,
+    ) -> dict[str, Any]:
         """One send/recv pair; ``image`` is an image's name, with ``+MODE`` for a
-        ``--zero-page-detection`` other than the default (``zero+multifd``)."""
+        ``--zero-page-detection`` other than the default (``zero+multifd``); ``send_args`` /
+        ``recv_args``: more options of each end."""
         assert self.images is not None
         file_image, _, zero_mode = image.partition("+")
         src: Path | None = getattr(self.images, file_image)
@@ -359,13 +392,14 @@ class Bench:
         common = ["--channels", str(channels), "--compression", method, "--json", "--no-progress"]
         zero = ["--zero-page-detection", zero_mode] if zero_mode else []
         try:
+            out_dir, more = str(d / "out"), send_args or []
             recv, host, port = self.listen(
-                "multifd recv", d, "recv", "recv", "--output", str(d / "out"), *common
+                "multifd recv", d, "recv", "recv", "--output", out_dir, *common, *(recv_args or [])
             )
             t0 = time.monotonic()
             send = self.children.spawn(
                 "multifd send",
-                self.mf("send", "--connect", f"{host}:{port}", *common, *zero, str(src)),
+                self.mf("send", "--connect", f"{host}:{port}", *common, *zero, *more, str(src)),
                 stdout=d / "send.json",
                 stderr=d / "send.err",
             )
@@ -851,6 +885,8 @@ def report(doc: dict[str, Any]) -> str:
     out = _report_head(meta)
     if summary["python"]:
         out += _report_python(summary)
+    if summary.get("integrity"):
+        out += _report_integrity(summary)
     if summary["iperf3"]:
         out += _report_iperf(summary)
     if summary["qemu"] or summary["qemu_save"]:
@@ -920,6 +956,47 @@ def _report_python(summary: dict[str, Any]) -> list[str]:
             f"wall, {st['cpu_s']:.2f} CPU-s, {st['rss'] / MiB:.0f} MiB; wall includes one "
             "such start for send; lib s = the sender's own migration time from its JSON)"
         )
+    return out
+
+
+def _report_integrity(summary: dict[str, Any]) -> list[str]:
+    """Packet checksums (on by default) and --verify against the same migration without them,
+    as ratios of this run's medians."""
+    out = [
+        "",
+        "Integrity: the vm image, 2 channels, checksums off / on / on + --verify (ratio to off)",
+    ]
+    rows = []
+    for method in INTEGRITY_METHODS:
+        off = find(summary["integrity"], method=method, integrity="off")
+        for mode in INTEGRITY_MODES:
+            r = find(summary["integrity"], method=method, integrity=mode)
+            if r is None:
+                continue
+            if not r["reps_ok"] or off is None or not off["reps_ok"]:
+                rows.append([method, mode, "FAILED", *[""] * 6])
+                continue
+
+            def ratio(key: str, r: dict[str, Any] = r, off: dict[str, Any] = off) -> str:
+                return fmt(r[key] / off[key], ".3f") if off.get(key) else "-"
+
+            cpu = r["send_cpu_s"] + r["recv_cpu_s"]
+            cpu_off = off["send_cpu_s"] + off["recv_cpu_s"]
+            rows.append(
+                [
+                    method,
+                    mode,
+                    fmt(r["wall_s"]),
+                    ratio("wall_s"),
+                    fmt(r["send_lib_s"]),
+                    ratio("send_lib_s"),
+                    fmt(cpu, ".2f"),
+                    fmt(cpu / cpu_off if cpu_off else None, ".3f"),
+                    f"{r['reps_ok']}/{r['reps']}",
+                ]
+            )
+    headers = ["method", "mode", "wall s", "x off", "lib s", "x off", "cpu s", "x off", "reps"]
+    out.append(table(headers, rows))
     return out
 
 
@@ -1206,6 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
             "codec": bench.section_codec,
             "iperf3": bench.section_iperf3,
             "python": bench.section_python,
+            "integrity": bench.section_integrity,
             "qemu": lambda: bench.section_qemu(False),
             "qemu-save": lambda: bench.section_qemu(True),
         }
@@ -1229,6 +1307,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["seconds"] = round(time.monotonic() - started, 1)
     summary = {
         "python": aggregate(bench.doc["python"], ("image", "method", "channels")),
+        "integrity": aggregate(bench.doc["integrity"], ("method", "channels", "integrity")),
         "iperf3": aggregate(bench.doc["iperf3"], ("streams",)),
         "qemu": aggregate(bench.doc["qemu"], ("method", "channels")),
         "qemu_save": aggregate(bench.doc["qemu_save"], ("method", "channels")),

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from . import landing
+from . import integrity, landing
 from . import mainstream as ms
 from . import returnpath as rp
 from .blocks import BlockFactory, allocate_block, check_total, take_block
@@ -34,7 +34,7 @@ from .recv import MultiFDRecvChannel, MultiFDRecvState
 from .stats import MigrationStats
 from .transport import ChannelIO
 from .watchdog import deadline_watch, watchdog
-from .wire import PacketRules, pages_per_packet
+from .wire import MULTIFD_EXT_PACKET_CHECKSUM, PacketRules, pages_per_packet
 
 #: How a destination gets its next connection: any async callable returning a trio stream
 #: (``open_tcp_acceptor(...)``, ``MemoryNetwork.accept``, a TLS acceptor, ...).
@@ -93,6 +93,7 @@ class Destination:
         #: that confirms it, which goes when the program leaves the block: ``confirm``)
         self.landed = trio.Event()
         self.done = trio.Event()
+        self._verified = False  # the content digests were checked (_verify)
         self._watching = trio.CancelScope()
         self._accepting = trio.CancelScope()
         self._handshakes = 0
@@ -208,7 +209,13 @@ class Destination:
             return
         io.channel = conn.id
         ch = MultiFDRecvChannel(
-            conn.id, io, self.method, self.method.recv_setup(conn.id), self.state, self.limiter
+            conn.id,
+            io,
+            self.method,
+            self.method.recv_setup(conn.id),
+            self.state,
+            self.limiter,
+            checksums=bool(conn.features & MULTIFD_EXT_PACKET_CHECKSUM),  # integrity.py
         )
         self.state.channels[conn.id] = ch
         await ch.multifd_recv_thread()
@@ -275,11 +282,12 @@ class Destination:
         self.shut_sent = status
         await self._send_rp(rp.shut(status))
 
-    def _on_stream_complete(self, ev: ms.StreamComplete) -> None:
+    async def _on_stream_complete(self, ev: ms.StreamComplete) -> None:
         """The source sent all and waits for SHUT to close: every page has landed, as the
         RAM END section's sync barrier passed. ``confirm`` sends the SHUT; until then no page
         may come, and the watchdog and the deadline are over (the program's own work on the
         blocks may take its time)."""
+        await self._verify()  # the content digests agree before anything counts as landed
         self._landed()
 
     def _landed(self) -> None:
@@ -287,6 +295,15 @@ class Destination:
         self._watching.cancel()
         self.stats.finish("completed")
         self.landed.set()
+
+    async def _verify(self) -> None:
+        """Every page landed: check the source's content digests, once (integrity.py)."""
+        if not self._verified:
+            self._verified = True
+            checked = await integrity.verify_blocks(
+                self.blocks, self.vmdesc, self.limiter, required=self.options.verify
+            )
+            self.stats.add_verified_blocks(checked)
 
     def _on_page(self, ev: ms.Page) -> None:
         landing.put_page(self.blocks[ev.block], ev.offset, ev.data)
@@ -327,6 +344,7 @@ class Destination:
             raise MigrationTimeout(
                 f"channels still open {drain} s after the end of the migration"
             ) from None
+        await self._verify()  # every page landed
         # a connection still in its handshake may be an extra channel: hear it out first
         with trio.move_on_after(self.options.handshake_timeout):
             while self._handshakes:

@@ -148,6 +148,24 @@ class SyncError(ProtocolError):
     """Channels and the main stream disagree about sync rounds."""
 
 
+class IntegrityError(ProtocolError):
+    """What landed differs from what the source sent, though the stream's structure was valid:
+    a packet's checksum over its pages as written (a broken method, bytes changed in flight),
+    or a block's final content digest (``--verify``). ``block`` names the block; ``channel``
+    and ``packet_num`` the packet, for a packet's checksum."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        block: str | None = None,
+        channel: int | None = None,
+        packet_num: int | None = None,
+    ) -> None:
+        super().__init__(message, channel=channel, packet_num=packet_num)
+        self.block = block
+
+
 # --- faults -------------------------------------------------------------------------------
 
 

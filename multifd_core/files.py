@@ -99,6 +99,9 @@ class FileBlock(RAMBlock):
             fd, self._fd = self._fd, None
             os.close(fd)
 
+    def content_fd(self) -> int | None:
+        return self._fd  # read with pread: never faults in the private mapping
+
     def data_extents(self, start: int, stop: int) -> list[tuple[int, int]] | None:
         """The file's data extents in pages ``[start, stop)`` (SEEK_DATA / SEEK_HOLE), rounded
         out to whole pages: the pages of a hole are zero and are never read. Reading them

@@ -41,10 +41,12 @@ class MainChannel:
 
 @dataclass(frozen=True)
 class MultiFDChannel:
-    """The connection is multifd channel ``id`` of the source with ``uuid``."""
+    """The connection is multifd channel ``id`` of the source with ``uuid``; ``features``: the
+    multifd-py extension's bits its init packet announced (wire.MULTIFD_EXT_*; 0 from QEMU)."""
 
     id: int
     uuid: bytes
+    features: int = 0
 
 
 class Handshake:
@@ -126,4 +128,4 @@ class Handshake:
         if init.id in self._ids:
             raise DuplicateChannel(f"two channels announced id {init.id}", channel=init.id)
         self._ids.add(init.id)
-        return MultiFDChannel(init.id, init.uuid)
+        return MultiFDChannel(init.id, init.uuid, init.features)

@@ -38,6 +38,7 @@ import numpy as np
 import trio
 
 from .errors import ProtocolError, StorageError
+from .integrity import PacketCheck
 from .methods import MultiFDMethod, RecvContext
 from .ram import RAMBlock, nonzero_rows, zero_page
 from .transport import ChannelIO
@@ -199,38 +200,53 @@ class PacketLanding:
         self.inline_writes = True  # see write_file
         self._slow_writes = 0  # slow inline writes in a row
 
-    async def land(self, block: RAMBlock, packet: MultiFDPacket) -> None:
+    async def land(
+        self, block: RAMBlock, packet: MultiFDPacket, check: PacketCheck | None = None
+    ) -> None:
         """Receive the packet's payload and put its pages in place, then mark them written;
-        zero pages of the packet are filled after."""
+        zero pages of the packet are filled after. ``check``: the packet's checksum, run on
+        the pages as written (memory or what went to the file), where they were written."""
         if packet.normal_pages:
             spans = block.spans(packet.normal_offsets)
             what = f"packet {packet.packet_num} payload"
             if not self.method.raw_payload:
-                await self._decode(block, packet, spans, what)
+                await self._decode(block, packet, spans, what, check)
             elif block.fd is not None:  # the runs lie end to end in the bounce buffer
                 runs = self._targets(block, spans)
                 assert self._bounce is not None  # made by _targets
                 size = packet.normal_pages * block.page_size
                 await self.io.receive_into(memoryview(self._bounce)[:size], what)
-                await self.write_file(block, spans, runs)
+                await self.write_file(block, spans, runs, check)
             else:
-                await self.io.receive_into_views(self._targets(block, spans), what)
+                runs = self._targets(block, spans)
+                await self.io.receive_into_views(runs, what)
+                if check is not None:  # on the loop: cheaper than a thread hop (integrity.py)
+                    check(runs)
             mark_written(block, packet.normal_offsets)  # only now: the module's rule
+        elif check is not None:
+            check(())
         if packet.zero_pages:
             zero_fill(block, packet.zero_offsets)
 
     async def _decode(
-        self, block: RAMBlock, packet: MultiFDPacket, spans: Spans, what: str
+        self,
+        block: RAMBlock,
+        packet: MultiFDPacket,
+        spans: Spans,
+        what: str,
+        check: PacketCheck | None,
     ) -> None:
         runs = self._targets(block, spans)
         payload = memoryview(self._payload)[: packet.next_packet_size]
         await self.io.receive_into(payload, what)
         to_file = block.fd is not None
 
-        def decode() -> None:
+        def decode() -> None:  # one thread hop: decode, write, check
             self.ctx.recv_pages(payload, runs)
             if to_file:
                 write_spans(block, spans, runs)
+            if check is not None:
+                check(runs)
 
         try:
             await self._run(decode, self.method.threaded)
@@ -259,16 +275,28 @@ class PacketLanding:
             pos += end - start
         return views
 
-    async def write_file(self, block: RAMBlock, spans: Spans, views: list[memoryview]) -> None:
+    async def write_file(
+        self,
+        block: RAMBlock,
+        spans: Spans,
+        views: list[memoryview],
+        check: PacketCheck | None = None,
+    ) -> None:
         """Write a packet's pages (in ``views``) into the block's file: right here while the
         page cache takes them quickly, in a worker thread once INLINE_SLOW_WRITES writes in a row
         took longer than INLINE_WRITE_LIMIT (the file system throttles; the event loop must not
-        wait on it)."""
+        wait on it). ``check`` runs on what was written, in the same place."""
+
+        def write() -> None:
+            write_spans(block, spans, views)
+            if check is not None:
+                check(views)
+
         if not self.inline_writes:
-            await self._run(lambda: write_spans(block, spans, views), threaded=True)
+            await self._run(write, threaded=True)
             return
         t0 = time.perf_counter()
-        write_spans(block, spans, views)
+        write()
         if time.perf_counter() - t0 <= INLINE_WRITE_LIMIT:
             self._slow_writes = 0
         else:

@@ -14,6 +14,7 @@ from dataclasses import KW_ONLY, dataclass, fields, replace
 from typing import Any, Self
 
 from .errors import ConfigError
+from .integrity import description_object
 from .methods import MultiFDMethod
 from .registry import MethodRegistry, load_methods
 from .wire import MAX_CHANNELS, check_page_size, uuid_bytes
@@ -127,6 +128,15 @@ class SourceOptions(EndOptions):
     #: open a return path (QEMU's ``return-path`` capability): MIG_CMD_OPEN_RETURN_PATH after
     #: the header; ``complete()`` returns only once the destination's SHUT said all landed.
     return_path: bool = False
+    #: a checksum in every packet, announced in each init packet (the multifd-py extension:
+    #: docs/wire-extensions.md); a destination of ours checks it after the pages landed, a QEMU
+    #: one ignores it. ``qemu_restore`` turns it off (QEMU cannot check it).
+    integrity: bool = True
+    #: after the last round, send a digest of each block's final content in the description
+    #: after EOF; a destination of ours checks them before the migration counts as completed.
+    #: Needs the description slot: not with ``device_state``; a ``description`` must then be a
+    #: JSON object.
+    verify: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,6 +145,10 @@ class SourceOptions(EndOptions):
             raise ConfigError(
                 f"zero_page_detection {zpd!r} is not one of {', '.join(ZERO_PAGE_DETECTION)}"
             )
+        if self.verify:
+            if self.device_state is not None:
+                raise ConfigError("verify needs the description after EOF: not with device_state")
+            description_object(self.description)  # ConfigError unless a JSON object
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,10 @@ class DestinationOptions(EndOptions):
     #: with ``zero_page_detection="multifd"``) and zero those pages. QEMU 7.2 sends zeros there
     #: (its unused[]), so reading it is safe with every source; False: the bytes are not read.
     zero_page_packets: bool = True
+    #: require the source's content digests (its ``verify``) and check them; without it they
+    #: are checked when the source sends them. Packet checksums are checked whenever a channel
+    #: announced them.
+    verify: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -246,11 +246,13 @@ async def qemu_restore(
     and device state come from the snapshot. The stream's dialect (the sync, where zero pages
     go) is the one the machine type expects on the destination (``dialect.resolve``), changed by
     ``zero_page_detection`` / ``multifd_flush_after_each_section``; one it cannot serve raises
-    ConfigError before connecting."""
+    ConfigError before connecting. Packet checksums are off unless ``integrity=True`` is
+    given: QEMU cannot check them, and the channels then carry QEMU's own bytes."""
     d = Path(directory)
     manifest = load_manifest(d, verify=verify)
     opts = SourceOptions.build(
         options,
+        integrity=changes.pop("integrity", False),
         **changes,
         uuid=manifest.get("uuid"),
         machine_type=manifest["machine-type"],

@@ -155,6 +155,11 @@ class RAMBlock:
             fd, self.fd = self.fd, None
             os.close(fd)
 
+    def content_fd(self) -> int | None:
+        """A descriptor to read the block's content from with pread (its file), or None: read
+        ``host``. Reading the file faults no page of a mapping in (integrity.block_digest)."""
+        return self.fd
+
     # --- pages ----------------------------------------------------------------------------
 
     def page(self, offset: int) -> memoryview:

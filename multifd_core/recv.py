@@ -14,6 +14,7 @@ import math
 import trio
 
 from .errors import ChannelClosed, ProtocolError, SyncError
+from .integrity import PacketCheck
 from .landing import PacketLanding
 from .methods import MultiFDMethod, RecvContext
 from .ram import RAMBlock
@@ -82,12 +83,16 @@ class MultiFDRecvChannel:
         ctx: RecvContext,
         state: MultiFDRecvState,
         limiter: trio.CapacityLimiter,
+        *,
+        checksums: bool = False,
     ) -> None:
         self.id = id
         self.io = io
         self.ctx = ctx
         self.state = state
         self.sem_sync = trio.Semaphore(0)
+        #: its init packet announced packet checksums: check every packet (integrity.py)
+        self.checksums = checksums
         self.cstats = state.stats.add_channel(id)
         rules = state.rules
         self.landing = PacketLanding(io, method, ctx, limiter, rules.max_pages * rules.page_size)
@@ -114,6 +119,10 @@ class MultiFDRecvChannel:
                 raise exc.located(
                     channel=self.id, packet_num=int.from_bytes(header[24:32], "big")
                 ) from None
+            check = None
+            if self.checksums:
+                name = packet.ramblock or None
+                check = PacketCheck(hview, self.id, packet.packet_num, name)
             if packet.normal_pages or packet.zero_pages:
                 if state.completed:
                     raise ProtocolError(
@@ -121,7 +130,9 @@ class MultiFDRecvChannel:
                         channel=self.id,
                         packet_num=packet.packet_num,
                     )
-                await self.landing.land(state.blocks[packet.ramblock], packet)
+                await self.landing.land(state.blocks[packet.ramblock], packet, check)
+            elif check is not None:
+                check(())  # a header alone: ~1 us
             state.stats.packet(
                 self.cstats,
                 normal_pages=packet.normal_pages,
@@ -129,6 +140,7 @@ class MultiFDRecvChannel:
                 header_bytes=rules.header_size,
                 payload_bytes=packet.next_packet_size,
                 sync=packet.sync,
+                checksum=self.checksums,
             )
             if packet.sync and not state.completed:
                 state.reports_send.send_nowait((self.id, Report.SYNC))

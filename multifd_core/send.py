@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
+from xxhash import xxh3_64 as Hash
 
+from . import integrity
 from .methods import Buffer, MultiFDMethod, SendContext
 from .ram import RAMBlock
 from .stats import MigrationStats
@@ -48,6 +50,7 @@ class MultiFDSendChannel:
         stats: MigrationStats,
         limiter: trio.CapacityLimiter,
         zero_pages_field: bool = False,
+        checksums: bool = False,
     ) -> None:
         self.id = id
         self.io = io
@@ -58,6 +61,12 @@ class MultiFDSendChannel:
         self.cstats = stats.add_channel(id)
         self.limiter = limiter
         self.zero_pages_field = zero_pages_field
+        #: seal every packet with its checksum (announced in this channel's init packet)
+        self.checksums = checksums
+        #: with checksums, each packet's pages are first copied here (one packet's worth, made
+        #: at the first packet): what is hashed is then exactly what is sent, even while another
+        #: thread writes the block (a vCPU, a writer marking pages dirty for the next round)
+        self._snapshot: memoryview | None = None
         self.jobs_send, self.jobs_recv = trio.open_memory_channel[SendJob | None](0)
         self.cleaned = False
 
@@ -78,8 +87,35 @@ class MultiFDSendChannel:
             self.cleaned = True
             self.ctx.send_cleanup()
 
+    def _prepare(
+        self, pages: Sequence[memoryview], page_size: int
+    ) -> tuple[Sequence[Buffer], Hash | None]:
+        """The payload of ``pages`` and, with checksums, their hash: in the thread that reads
+        the pages anyway (the compressor's, for a threaded method). With checksums, payload
+        and hash come from one copy of the pages, so that a page changing meanwhile (it is
+        dirty again, and goes again next round) cannot make them disagree."""
+        hashed = None
+        if self.checksums:
+            pages = [self._copy(pages, page_size)]
+            hashed = integrity.hash_pages(pages)
+        payload = pages if self.method.raw_payload else self.ctx.send_prepare(pages)
+        return payload, hashed
+
+    def _copy(self, pages: Sequence[memoryview], page_size: int) -> memoryview:
+        """``pages`` copied, one after the other, into the channel's snapshot buffer (memcpy);
+        valid until the next packet, which this channel sends only after this one."""
+        size = sum(len(p) for p in pages)
+        if self._snapshot is None or len(self._snapshot) < size:
+            self._snapshot = memoryview(bytearray(max(size, self.header_pages * page_size)))
+        out, pos = self._snapshot, 0
+        for p in pages:
+            out[pos : pos + len(p)] = p
+            pos += len(p)
+        return out[:size]
+
     async def _send_packet(self, job: SendJob) -> None:
         payload: Sequence[Buffer] = ()
+        hashed: Hash | None = None
         npages = len(job.offsets)
         flags = job.flags
         name = ""
@@ -90,14 +126,12 @@ class MultiFDSendChannel:
         if npages:
             assert job.block is not None
             pages = job.block.page_runs(job.offsets)
-            if self.method.raw_payload:
-                payload = pages
-            elif self.method.threaded:
-                payload = await trio.to_thread.run_sync(
-                    self.ctx.send_prepare, pages, limiter=self.limiter
+            if self.method.threaded and not self.method.raw_payload:
+                payload, hashed = await trio.to_thread.run_sync(
+                    self._prepare, pages, job.block.page_size, limiter=self.limiter
                 )
-            else:
-                payload = self.ctx.send_prepare(pages)
+            else:  # nocomp copies and hashes here: less than a thread hop (~55 us)
+                payload, hashed = self._prepare(pages, job.block.page_size)
         size = sum(len(p) for p in payload)
         header = MultiFDPacket(
             flags=flags,
@@ -109,6 +143,8 @@ class MultiFDSendChannel:
             offsets=job.offsets + job.zeros,
             zero_pages=len(job.zeros),
         ).encode(self.header_pages, zero_pages_field=self.zero_pages_field)
+        if self.checksums:
+            header = integrity.seal(header, hashed)
         await self.io.send_parts([header, *payload])
         self.stats.packet(
             self.cstats,
@@ -117,6 +153,7 @@ class MultiFDSendChannel:
             header_bytes=len(header),
             payload_bytes=size,
             sync=bool(flags & MULTIFD_FLAG_SYNC),
+            checksum=self.checksums,
         )
 
 

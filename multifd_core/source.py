@@ -16,9 +16,9 @@ from typing import Any
 import trio
 
 from . import dialect as _dialect
+from . import integrity, scan
 from . import mainstream as ms
 from . import returnpath as rp
-from . import scan
 from .boundary import library_errors
 from .errors import (
     ChannelError,
@@ -35,11 +35,13 @@ from .send import MultiFDSendChannel, MultiFDSendState
 from .stats import MigrationStats
 from .transport import ChannelIO, Connector
 from .watchdog import deadline_watch, watchdog
-from .wire import MultiFDInit, pages_per_packet, uuid_bytes
+from .wire import MULTIFD_EXT_PACKET_CHECKSUM, MultiFDInit, pages_per_packet, uuid_bytes
 
 #: Main-channel bytes buffered before they are written out mid-round.
 MAIN_FLUSH_BYTES = 256 * 1024
 _NO_SHUT = "the destination ended its return path without a SHUT: it failed"
+#: With ``verify``, the SHUT may come this many times the source's own digest time later.
+VERIFY_SLACK = 4
 
 
 class Source:
@@ -82,6 +84,7 @@ class Source:
         self._shut = trio.Event()  # SHUT came, or the return path ended
         self.pongs = 0  # PONGs read: the destination was reading the stream
         self._rp_parser = rp.ReturnPathParser()
+        self._digest_seconds = 0.0  # how long the content digests took (verify)
         #: the watchdog and the deadline, cancelled once the migration completed
         self._watching = trio.CancelScope()
 
@@ -116,9 +119,11 @@ class Source:
         if self.options.return_path:
             nursery.start_soon(self._read_return_path, self.main, name="return path")
         chans = self.channels
+        checksums = self.options.integrity
+        features = MULTIFD_EXT_PACKET_CHECKSUM if checksums else 0
         for i in range(self.num_channels):
             io = await self._connect(i)
-            await io.send_all(MultiFDInit(i, self.uuid).encode())  # QEMU reads it at accept
+            await io.send_all(MultiFDInit(i, self.uuid, features=features).encode())  # at accept
             chans.append(
                 MultiFDSendChannel(
                     i,
@@ -129,6 +134,7 @@ class Source:
                     self.stats,
                     self.limiter,
                     zero_pages_field=self.dialect.zero_pages_in_packets,
+                    checksums=checksums,
                 )
             )
         self.state = MultiFDSendState(chans, self.pages_per_packet)
@@ -261,7 +267,9 @@ class Source:
             raise DestinationFailed(_NO_SHUT) from exc
 
     async def _await_shut(self) -> None:
-        timeout = self.options.return_path_timeout
+        # with verify, the destination digests every block before its SHUT: as long as this
+        # side took for the same work, give or take (VERIFY_SLACK)
+        timeout = self.options.return_path_timeout + VERIFY_SLACK * self._digest_seconds
         with trio.move_on_after(timeout):
             await self._shut.wait()
         if not self._shut.is_set():
@@ -326,9 +334,13 @@ class Source:
         else:
             w.section_part()
         sent = 0
-        for block in self.blocks:
-            sent += await self._send_block(block)
-        await self._sync()
+        digests: dict[str, str] = {}
+        async with trio.open_nursery() as digesting:
+            if last and self.options.verify:  # the content is final: digest it beside the sends
+                digesting.start_soon(self._digest, digests)
+            for block in self.blocks:
+                sent += await self._send_block(block)
+            await self._sync()
         w.eos()
         device_state = self.options.device_state
         if last and device_state is None:
@@ -336,6 +348,9 @@ class Source:
             description = self.options.description
             if description is None and self.options.return_path:  # where its stream ends
                 description = b'{"page_size": %d, "devices": []}' % self.page_size
+            if self.options.verify:
+                description = integrity.with_digests(description, digests)
+                self.stats.add_verified_blocks(len(digests))
             if description is not None:
                 w.vmdesc(description)
         await self._flush_main()
@@ -344,6 +359,11 @@ class Source:
             await self._send_main(device_state)
         self.stats.round_done()
         return sent
+
+    async def _digest(self, out: dict[str, str]) -> None:
+        start = trio.current_time()
+        out.update(await integrity.digest_blocks(self.blocks, self.limiter))
+        self._digest_seconds = trio.current_time() - start
 
     async def aclose(self) -> None:
         for ch in self.channels:  # channels whose task never started
@@ -371,6 +391,9 @@ async def open_source(
     connection; ``idle_timeout`` fails the migration with ChannelStalled when a send makes no
     progress that long (a stalled destination or link; None: wait forever); ``deadline``
     bounds the whole migration, from here to ``complete()`` (MigrationTimeout).
+    ``integrity`` (on by
+    default) puts a checksum in every packet, ``verify`` sends each block's content digest after
+    the last round; a destination of this library checks both (docs/wire-extensions.md).
     """
     src = Source(list(blocks), connect, SourceOptions.build(options, **changes))
     try:

@@ -53,6 +53,8 @@ class MigrationStats:
     main_bytes: int = 0
     multifd_bytes: int = 0  # header + payload bytes on multifd channels
     payload_bytes: int = 0  # payload bytes on multifd channels
+    checksum_packets: int = 0  # packets sealed with a checksum (source) / checked (destination)
+    verified_blocks: int = 0  # blocks whose content digest was sent (source) / checked
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
     error: str | None = None
@@ -105,11 +107,14 @@ class MigrationStats:
         payload_bytes: int,
         sync: bool,
         zero_pages: int = 0,
+        checksum: bool = False,
     ) -> None:
-        """One multifd packet sent or received on the channel counted by ``cstats``."""
+        """One multifd packet sent or received on the channel counted by ``cstats``;
+        ``checksum``: it carried a checksum (sealed by the source, checked by the destination)."""
         wire = header_bytes + payload_bytes
         cstats.packet(normal_pages, wire, sync)
         self.packets += 1
+        self.checksum_packets += checksum
         self.normal_pages += normal_pages
         self.zero_pages += zero_pages
         self.multifd_bytes += wire
@@ -127,6 +132,10 @@ class MigrationStats:
     def add_main_bytes(self, count: int) -> None:
         """``count`` bytes sent or received on the main channel."""
         self.main_bytes += count
+
+    def add_verified_blocks(self, count: int) -> None:
+        """``count`` blocks' content digests sent (source) or checked (destination)."""
+        self.verified_blocks += count
 
     def round_done(self) -> None:
         """A round ended with its sync barrier (see the module's doc)."""
@@ -162,6 +171,10 @@ class MigrationStats:
                 "mbps": round(self.wire_bytes * 8 / secs / 1e6, 3) if secs > 0 else 0.0,
             },
             "packets": self.packets,
+            "integrity": {
+                "checksum-packets": self.checksum_packets,
+                "verified-blocks": self.verified_blocks,
+            },
             "throughput-bytes-per-second": round(self.throughput),
             "compression-ratio": round(self.compression_ratio, 4),
             "per-channel": [vars(c).copy() for c in self.per_channel],

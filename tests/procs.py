@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,11 +29,30 @@ class Result(NamedTuple):
     err: str
 
 
+def write_dist_info(root: Path, dist_name: str, entry_points: Mapping[str, str]) -> None:
+    """A fake installed distribution in ``root``: its metadata and ``multifd`` entry points."""
+    info = root / f"{dist_name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n")
+    lines = "".join(f"{ep} = {target}\n" for ep, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[multifd]\n{lines}")
+
+
+def plugin_site(root: Path, module: str) -> dict[str, str]:
+    """Install the plugin module ``module`` (importable from this directory) as a distribution
+    in ``root`` for ``multifd`` subprocesses: the environment that makes them load it."""
+    write_dist_info(root, module.replace("_", "-"), {module: module})
+    here = str(Path(__file__).parent)
+    path = os.pathsep.join([str(root), here, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path}
+
+
 @contextmanager
-def spawn(*args: str) -> Iterator[subprocess.Popen[str]]:
-    """Start ``multifd ARGS``; kill it by pid if it is still running when the block ends."""
+def spawn(*args: str, env: Mapping[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """Start ``multifd ARGS`` (in ``env``, default this process's environment); kill it by pid
+    if it is still running when the block ends."""
     proc = subprocess.Popen(
-        [*MULTIFD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*MULTIFD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     with proc:  # closes the pipes and reaps the process
         try:
@@ -52,9 +71,9 @@ def finish(proc: subprocess.Popen[str], timeout: float = TIMEOUT) -> Result:
     return Result(proc.returncode, out, err)
 
 
-def run(*args: str, timeout: float = TIMEOUT) -> Result:
+def run(*args: str, timeout: float = TIMEOUT, env: Mapping[str, str] | None = None) -> Result:
     """Run ``multifd ARGS`` to its end (at most ``timeout`` s)."""
-    with spawn(*args) as proc:
+    with spawn(*args, env=env) as proc:
         return finish(proc, timeout)
 
 
@@ -88,12 +107,17 @@ def wait_ready_file(
 
 @contextmanager
 def receiver(
-    ready: Path, out_dir: Path, *args: str, timeout: float = 10, host: str = "127.0.0.1"
+    ready: Path,
+    out_dir: Path,
+    *args: str,
+    timeout: float = 10,
+    host: str = "127.0.0.1",
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """``multifd recv`` on ``host``:0 (``--timeout timeout``); yields the process and the port
     it listens on."""
     listen = ["--listen", f"{host}:0", "--output", str(out_dir), "--ready-file", str(ready)]
-    with spawn("recv", *listen, "--timeout", str(timeout), *args) as proc:
+    with spawn("recv", *listen, "--timeout", str(timeout), *args, env=env) as proc:
         got, port = wait_ready_file(proc, ready)
         assert got == host
         yield proc, port

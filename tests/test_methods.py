@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from procs import write_dist_info
 
 from multifd_core import (
     MethodInfo,
@@ -72,11 +73,7 @@ class FakeSite:
         return self.module(stem, METHOD_SRC.format(cls=f"M_{stem}", name=name, value=value))
 
     def dist(self, dist_name: str, entry_points: dict[str, str]) -> None:
-        info = self.root / f"{dist_name}-1.0.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n")
-        lines = "".join(f"{ep} = {target}\n" for ep, target in entry_points.items())
-        (info / "entry_points.txt").write_text(f"[multifd]\n{lines}")
+        write_dist_info(self.root, dist_name, entry_points)
         importlib.invalidate_caches()
 
     def method_dist(self, dist_name: str, name: str, value: object) -> str:

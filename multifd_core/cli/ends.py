@@ -27,12 +27,15 @@ _SOURCE_ONLY = {
     "uuid": "uuid",
     "zero_page_detection": "zero_page_detection",
     "return_path": "return_path",
+    "integrity": "integrity",
+    "verify_digests": "verify",
 }
 _DESTINATION_ONLY = {
     "uuid": "uuid",
     "timeout": "connect_timeout",
     "max_size": "max_total_bytes",
     "page_size": "page_size",
+    "verify_digests": "verify",
 }
 
 

@@ -178,6 +178,21 @@ def _return_path(p: argparse.ArgumentParser, *, default: bool, peer: str) -> Non
     )
 
 
+def _verify(p: argparse.ArgumentParser, *, send: bool) -> None:
+    """--verify on send and recv: content digests after the last round (SourceOptions.verify)."""
+    p.add_argument(
+        "--verify",
+        dest="verify_digests",
+        action="store_true",
+        default=SourceOptions.verify,
+        help="send a digest of each file's final content after the last round; the receiver "
+        "checks them before renaming anything into place"
+        if send
+        else "require the sender's content digests (`send --verify`) and check them before "
+        "renaming anything into place (checked whenever the sender sends them)",
+    )
+
+
 def _listening(p: argparse.ArgumentParser, *, timeout: float, waits_for: str) -> None:
     """The options of a receiving end (recv, qemu-save)."""
     p.add_argument("--listen", type=parse_address, required=True, metavar="HOST:PORT")
@@ -223,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     _zero_pages(p)
     # on: every `multifd recv` of this version answers it; --no-return-path for an older one
     _return_path(p, default=True, peer="`multifd recv`")
+    p.add_argument(
+        "--no-integrity",
+        dest="integrity",
+        action="store_false",
+        default=SourceOptions.integrity,
+        help="send no packet checksums (default: every packet carries one, which `multifd "
+        "recv` checks after the pages landed)",
+    )
+    _verify(p, send=True)
 
     p = sub.add_parser("recv", help="receive files from a `multifd send`")
     _common(p)
@@ -236,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse a source announcing more bytes than this in all "
         f"(default {size_text(DEFAULT_MAX_TOTAL_BYTES)})",
     )
+    _verify(p, send=False)
 
     p = sub.add_parser(
         "qemu-save", help="be the destination of a QEMU migration; save its memory to DIR"

@@ -14,10 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import xxhash
+
 from multifd_core import MultiFDMethod, load_methods
 from multifd_core import mainstream as ms
 from multifd_core.errors import MultiFDError
 from multifd_core.wire import (
+    MULTIFD_EXT_PACKET_CHECKSUM,
     MULTIFD_INIT_SIZE,
     MULTIFD_MAGIC_BYTES,
     PacketRules,
@@ -58,7 +61,14 @@ class _Invalid(Exception):
     pass
 
 
-_Writes = dict[tuple[str, int], tuple[int, dict[str, bytes]]]
+class _Writes(dict[tuple[str, int], tuple[int, dict[str, bytes]]]):
+    """Per page, the latest round that writes it and each source's last write there; and in
+    ``raced`` the pages two sources write differently in one same round, any round."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_round: dict[tuple[str, int, int], dict[bytes, set[str]]] = {}
+        self.raced: set[tuple[str, int]] = set()
 
 
 def _note(writes: _Writes, key: tuple[str, int], rnd: int, source: str, data: bytes) -> None:
@@ -68,6 +78,12 @@ def _note(writes: _Writes, key: tuple[str, int], rnd: int, source: str, data: by
         writes[key] = (rnd, {source: data})
     elif rnd == have[0]:
         have[1][source] = data
+    # a packet's checksum reads the page back after writing it: another source writing other
+    # bytes there in the same round (unordered by the barrier) may come in between
+    seen = writes.by_round.setdefault((*key, rnd), {})
+    seen.setdefault(xxhash.xxh3_64_digest(data), set()).add(source)
+    if len(seen) > 1 and len(set().union(*seen.values())) > 1:
+        writes.raced.add(key)
 
 
 def model(
@@ -96,8 +112,8 @@ def _model(
     max_device_state: int | None,
     racy: list[str],
 ) -> Verdict:
-    main, by_id = _sort_connections(conns, channels)
-    writes: _Writes = {}
+    main, by_id, checked = _sort_connections(conns, channels)
+    writes = _Writes()
     blocks, rounds = _read_main(main, given, max_device_state, writes)
     method = method_named(method_name)
     rules = PacketRules(
@@ -111,15 +127,21 @@ def _model(
     for cid, data in by_id.items():
         ctx = method.recv_setup(cid)
         try:
-            _model_channel(cid, data, rules, sizes, method, ctx, rounds, writes, racy)
+            chan = _Channel(cid, data, cid in checked)
+            _model_channel(chan, rules, sizes, method, ctx, rounds, writes, racy)
         finally:
             ctx.recv_cleanup()
+    if checked and writes.raced:
+        racy.append(f"{len(writes.raced)} page(s) written differently by two sources in a round")
     status = "racy" if racy else "valid"
     return Verdict(status, "; ".join(racy), blocks, _final(writes))
 
 
-def _sort_connections(conns: Sequence[bytes], channels: int) -> tuple[bytes, dict[int, bytes]]:
-    """The main channel's bytes and each multifd channel's by id, with the handshake rules."""
+def _sort_connections(
+    conns: Sequence[bytes], channels: int
+) -> tuple[bytes, dict[int, bytes], set[int]]:
+    """The main channel's bytes and each multifd channel's by id, with the handshake rules;
+    the ids of the channels that announced packet checksums."""
     mains = [c for c in conns if c[:4] == QEVM]
     chans = [c for c in conns if c[:4] == MULTIFD_MAGIC_BYTES]
     if len(mains) + len(chans) != len(conns):
@@ -129,6 +151,7 @@ def _sort_connections(conns: Sequence[bytes], channels: int) -> tuple[bytes, dic
     if len(mains) != 1:
         raise _Invalid(f"{len(mains)} main channels")
     by_id: dict[int, bytes] = {}
+    checked: set[int] = set()
     uuids = set()
     for c in chans:
         if len(c) < MULTIFD_INIT_SIZE:
@@ -138,9 +161,11 @@ def _sort_connections(conns: Sequence[bytes], channels: int) -> tuple[bytes, dic
             raise _Invalid("duplicate channel id")
         by_id[init.id] = c
         uuids.add(init.uuid)
+        if init.features & MULTIFD_EXT_PACKET_CHECKSUM:
+            checked.add(init.id)
     if len(uuids) > 1:
         raise _Invalid("channels disagree on the uuid")
-    return mains[0], by_id
+    return mains[0], by_id, checked
 
 
 def _read_main(
@@ -213,9 +238,24 @@ def _decoded(payload: memoryview, npages: int, method: MultiFDMethod, ctx: Any) 
     return bytes(out)
 
 
+@dataclass
+class _Channel:
+    id: int
+    data: bytes
+    checksums: bool  # its init announced packet checksums
+
+
+def _checksum_ok(header: memoryview, pages: bytes) -> bool:
+    """The packet checksum rule of docs/wire-extensions.md, read independently of the library:
+    XXH3-64 of the pages then the header without its bytes 40..47, stored there (be64)."""
+    h = xxhash.xxh3_64(pages)
+    h.update(header[:40])
+    h.update(header[48:])
+    return h.intdigest() == int.from_bytes(header[40:48], "big")
+
+
 def _model_channel(
-    cid: int,
-    data: bytes,
+    chan: _Channel,
     rules: PacketRules,
     sizes: dict[str, int],
     method: MultiFDMethod,
@@ -224,6 +264,7 @@ def _model_channel(
     writes: _Writes,
     racy: list[str],
 ) -> None:
+    cid, data = chan.id, chan.data
     pos = MULTIFD_INIT_SIZE
     syncs = 0
     source = f"ch{cid}"
@@ -231,16 +272,21 @@ def _model_channel(
     while pos < len(data):
         if len(data) - pos < HEADER:
             raise _Invalid(f"channel {cid}: short header")
-        packet = decode_packet(view[pos : pos + HEADER], rules, sizes)
+        header = view[pos : pos + HEADER]
+        packet = decode_packet(header, rules, sizes)
         pos += HEADER
         if packet.normal_pages or packet.zero_pages:
             _check_order(cid, syncs, rounds, racy)
+        pages = b""
         if packet.normal_pages:
             n = packet.next_packet_size
             if len(data) - pos < n:
                 raise _Invalid(f"channel {cid}: short payload")
             pages = _decoded(view[pos : pos + n], packet.normal_pages, method, ctx)
             pos += n
+        if chan.checksums and not _checksum_ok(header, pages):
+            raise _Invalid(f"channel {cid}: packet {packet.packet_num}: checksum differs")
+        if packet.normal_pages:
             for i, off in enumerate(packet.normal_offsets):
                 _note(writes, (packet.ramblock, off), syncs, source, pages[i * PS : i * PS + PS])
         for off in packet.zero_offsets:  # zero pages listed in the packet (QEMU 9.0+)
