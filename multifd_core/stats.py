@@ -53,6 +53,7 @@ class MigrationStats:
     main_bytes: int = 0
     multifd_bytes: int = 0  # header + payload bytes on multifd channels
     payload_bytes: int = 0  # payload bytes on multifd channels
+    refused_connections: int = 0  # destination: connections closed as not this migration's
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
     error: str | None = None
@@ -128,6 +129,10 @@ class MigrationStats:
         """``count`` bytes sent or received on the main channel."""
         self.main_bytes += count
 
+    def refuse_connection(self) -> None:
+        """A connection that is not this migration's was closed (``accept.py``)."""
+        self.refused_connections += 1
+
     def round_done(self) -> None:
         """A round ended with its sync barrier (see the module's doc)."""
         self.rounds += 1
@@ -165,6 +170,7 @@ class MigrationStats:
             "throughput-bytes-per-second": round(self.throughput),
             "compression-ratio": round(self.compression_ratio, 4),
             "per-channel": [vars(c).copy() for c in self.per_channel],
+            "refused-connections": self.refused_connections,
         }
         if self.error:
             out["error-desc"] = self.error
