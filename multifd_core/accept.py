@@ -138,6 +138,7 @@ class Connections:
         self._accepting.cancel()
         while self._pending:
             await self._idle.wait()
+        await trio.sleep(0)  # a fatal handshake's error cancels this task before completion
 
     async def _accept_loop(self, nursery: trio.Nursery) -> None:
         with self._accepting:
@@ -176,15 +177,14 @@ class Connections:
             if conn is None:  # dropped: the scope was cancelled by _drop
                 assert pending.dropped is not None
                 conn = Junk(pending.dropped)
-            self._settle(pending)
             if isinstance(conn, Junk):
                 self._refuse(pending.peer, conn)
                 return
             self.ios.append(io)
         finally:
-            self._settle(pending)
-            if conn is None or isinstance(conn, Junk):
+            if conn is None or isinstance(conn, Junk):  # None: a fatal error, or cancelled
                 await io.aclose()
+            self._settle(pending)  # after the close: no checkpoint before a fatal error's end
         if self.handshake.complete:
             self._arrived.set()
         await self._run_channel(io, conn)
