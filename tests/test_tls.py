@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import trio
-import trustme
+from certs import PKI, make_pki
 from peers import refusals
 from procs import finish, receiver, run
 
@@ -51,51 +51,9 @@ PS = 4096
 PROMPT = 5.0
 
 
-@dataclass
-class PKI:
-    """Certificate files: a CA, a server certificate for localhost / 127.0.0.1, client
-    certificates from the same CA and from another CA."""
-
-    ca: Path
-    other_ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    foreign_cert: Path  # a client certificate signed by the other CA
-    foreign_key: Path
-    other_server_cert: Path  # a server certificate signed by the other CA
-    other_server_key: Path
-
-
-def _write_leaf(leaf: trustme.LeafCert, cert: Path, key: Path) -> None:
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(key))
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    d = tmp_path_factory.mktemp("pki")
-    ca, other = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    other.cert_pem.write_to_path(str(d / "other-ca.pem"))
-    p = PKI(
-        ca=d / "ca.pem",
-        other_ca=d / "other-ca.pem",
-        server_cert=d / "server.pem",
-        server_key=d / "server.key",
-        client_cert=d / "client.pem",
-        client_key=d / "client.key",
-        foreign_cert=d / "foreign.pem",
-        foreign_key=d / "foreign.key",
-        other_server_cert=d / "other-server.pem",
-        other_server_key=d / "other-server.key",
-    )
-    _write_leaf(ca.issue_cert("localhost", "127.0.0.1"), p.server_cert, p.server_key)
-    _write_leaf(ca.issue_cert("source.example"), p.client_cert, p.client_key)
-    _write_leaf(other.issue_cert("source.example"), p.foreign_cert, p.foreign_key)
-    _write_leaf(other.issue_cert("localhost"), p.other_server_cert, p.other_server_key)
-    return p
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def zstd_installed() -> bool:
