@@ -142,7 +142,8 @@ class DestinationOptions(EndOptions):
     page_size: int = 4096
     #: seconds for each connection's first bytes (and its TLS handshake).
     handshake_timeout: float = 10.0
-    #: connections whose handshake may run at once; one more drops the oldest (``accept.py``).
+    #: handshakes that may run at once (never fewer than main + channels); a connection
+    #: beyond them drops the oldest pending one (``accept.py``).
     max_pending_handshakes: int = 32
     #: seconds for the channels to close after the end of the migration.
     drain_timeout: float = 30.0
