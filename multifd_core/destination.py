@@ -1,11 +1,12 @@
 """The receiving end of a migration: accepting connections, the main channel, the drain.
 
 ``open_destination`` is an async context manager for embedding in a trio program; ``receive``
-runs a whole migration in one call. Connections arrive in any order: each is classified from its
-first bytes (``handshake.py``), the main channel's stream is parsed (``mainstream``) and its
-events dispatched here, the multifd channels read packets (``recv.py``) into the blocks
-(``landing.py``). Any failure ends every task and socket and surfaces as one exception of this
-library.
+runs a whole migration in one call. Connections arrive in any order: each is accepted and
+classified from its first bytes (``accept.py``, ``handshake.py``; a connection that is not this
+migration's is closed with a warning, and the migration goes on), the main channel's stream is
+parsed (``mainstream``) and its events dispatched here, the multifd channels read packets
+(``recv.py``) into the blocks (``landing.py``). Any failure ends every task and socket and
+surfaces as one exception of this library.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import trio
 from . import integrity, landing
 from . import mainstream as ms
 from . import returnpath as rp
+from .accept import Accept, Connections
 from .blocks import BlockFactory, allocate_block, check_total, take_block
 from .boundary import library_errors
 from .errors import (
@@ -27,7 +29,7 @@ from .errors import (
     MultiFDError,
     TruncatedStream,
 )
-from .handshake import HEAD_SIZE, Handshake, MainChannel
+from .handshake import Handshake, MainChannel, MultiFDChannel
 from .options import DestinationOptions
 from .ram import RAMBlock
 from .recv import MultiFDRecvChannel, MultiFDRecvState
@@ -36,9 +38,6 @@ from .transport import ChannelIO
 from .watchdog import deadline_watch, watchdog
 from .wire import MULTIFD_EXT_PACKET_CHECKSUM, PacketRules, pages_per_packet
 
-#: How a destination gets its next connection: any async callable returning a trio stream
-#: (``open_tcp_acceptor(...)``, ``MemoryNetwork.accept``, a TLS acceptor, ...).
-Accept = Callable[[], Awaitable[trio.abc.Stream]]
 #: Seconds a failed destination waits after its SHUT before closing (see ``_shut_failed``).
 SHUT_GRACE = 0.1
 
@@ -74,7 +73,11 @@ class Destination:
         )
         self.state = MultiFDRecvState(self.num_channels, self.rules, self.stats)
         self.handshakes = Handshake(self.num_channels, options.uuid_bytes)
-        self.ios: list[ChannelIO] = []
+        self.connections = Connections(
+            accept, self.handshakes, options, self.stats, self._run_connection
+        )
+        #: the connections that identified themselves (main and multifd channels)
+        self.ios: list[ChannelIO] = self.connections.ios
         self.main: ChannelIO | None = None
         self.blocks: dict[str, RAMBlock] = {}
         self.machine_type: str | None = None
@@ -95,9 +98,6 @@ class Destination:
         self.done = trio.Event()
         self._verified = False  # the content digests were checked (_verify)
         self._watching = trio.CancelScope()
-        self._accepting = trio.CancelScope()
-        self._handshakes = 0
-        self._handshakes_done = trio.Event()
         self._on_event: dict[type[Any], Callable[[Any], Awaitable[None] | None]] = {
             ms.ZeroPages: self._on_zero_pages,
             ms.ZeroPage: self._on_zero_page,
@@ -159,55 +159,14 @@ class Destination:
 
     async def _run(self, nursery: trio.Nursery) -> None:
         self.stats.start()
-        timeout = self.options.connect_timeout
-        with trio.move_on_after(timeout) as scope:
-            for _ in range(self.num_channels + 1):
-                stream = await self.accept()
-                nursery.start_soon(self._handshake, stream)
-        if scope.cancelled_caught:
-            raise MigrationTimeout(
-                f"only {len(self.ios)} of {self.num_channels + 1} connections (main + "
-                f"{self.num_channels} channels) arrived within {timeout} s"
-            )
-        # Keep accepting until the migration ends: a connection beyond main + N channels (a
-        # source with more channels than this side) must fail the migration with the reason,
-        # not sit unread in the listen backlog with its pages silently lost.
-        with self._accepting:
-            while True:
-                stream = await self.accept()
-                nursery.start_soon(self._handshake, stream)
+        await self.connections.run(nursery)
 
-    async def _first_bytes(self, io: ChannelIO) -> bytearray:
-        """The connection's first message (TLS handshake first), bounded by handshake_timeout."""
-        timeout = self.options.handshake_timeout
-        self._handshakes += 1
-        self._handshakes_done = trio.Event()
-        try:
-            with trio.fail_after(timeout):
-                await io.handshake()  # TLS: here, in this connection's task, bounded
-                head = await io.receive_exactly(HEAD_SIZE, "the first bytes of a connection")
-                need = self.handshakes.bytes_needed(head)
-                if need > len(head):
-                    head += await io.receive_exactly(need - len(head), "the init packet")
-                return head
-        except trio.TooSlowError:
-            raise MigrationTimeout(f"a connection sent no handshake within {timeout} s") from None
-        finally:
-            self._handshakes -= 1
-            if not self._handshakes:
-                self._handshakes_done.set()
-
-    async def _handshake(self, stream: trio.abc.Stream) -> None:
-        io = ChannelIO(stream, None)
-        self.ios.append(io)
-        head = await self._first_bytes(io)
-        conn = self.handshakes.classify(head)
+    async def _run_connection(self, io: ChannelIO, conn: MainChannel | MultiFDChannel) -> None:
+        """An identified connection (``accept.py``), run to its end."""
         if isinstance(conn, MainChannel):
             self.main = io
-            io.unread(head)
             await self._main_loop(io)
             return
-        io.channel = conn.id
         ch = MultiFDRecvChannel(
             conn.id,
             io,
@@ -233,7 +192,8 @@ class Destination:
             try:
                 ev = parser.next_event()
             except TruncatedStream as exc:
-                raise ChannelClosed(f"closed early: {exc}", channel=None) from None
+                why = f"closed early: {exc}{self.connections.refusals()}"
+                raise ChannelClosed(why, channel=None) from None
             if ev is ms.NEED_DATA:
                 data = await io.receive_some()
                 if data:
@@ -345,12 +305,8 @@ class Destination:
                 f"channels still open {drain} s after the end of the migration"
             ) from None
         await self._verify()  # every page landed
-        # a connection still in its handshake may be an extra channel: hear it out first
-        with trio.move_on_after(self.options.handshake_timeout):
-            while self._handshakes:
-                await self._handshakes_done.wait()
         await trio.sleep(0)  # let the accept loop take what is already in the backlog
-        self._accepting.cancel()
+        await self.connections.stop()  # and hear out the handshakes still pending
         self._landed()
         self.done.set()
 
@@ -392,6 +348,14 @@ async def open_destination(
     landed and returns the stats; leaving the block waits for that too, then confirms it to a
     source with a return path (its SHUT) and lets the channels close: what the program does
     with the blocks inside the block, after ``wait()``, decides what the source is told.
+
+    Connections that are not this migration's (end of stream or silence before their first
+    message, neither magic, a failed TLS handshake, another migration's uuid, a bad init packet,
+    a second main channel) are closed with a warning on the ``multifd_core.accept`` logger and
+    the migration goes on; at most ``max_pending_handshakes`` handshakes run at once (one more
+    drops the oldest). Fatal: a channel of this migration's uuid with an id beyond ``channels``
+    (BadChannelId) or one already taken (DuplicateChannel); ``connect_timeout`` counts only
+    the connections that identified themselves. See ``accept.py``.
 
     Limits (each breach is a typed error naming it): ``connect_timeout`` for all connections to
     arrive, ``handshake_timeout`` for each connection's first bytes, ``idle_timeout`` for a

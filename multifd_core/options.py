@@ -160,6 +160,9 @@ class DestinationOptions(EndOptions):
     page_size: int = 4096
     #: seconds for each connection's first bytes (and its TLS handshake).
     handshake_timeout: float = 10.0
+    #: handshakes that may run at once (never fewer than main + channels); a connection
+    #: beyond them drops the oldest pending one (``accept.py``).
+    max_pending_handshakes: int = 32
     #: seconds for the channels to close after the end of the migration.
     drain_timeout: float = 30.0
     #: bytes of device state (after the RAM section) kept at most (None: no limit).
@@ -184,6 +187,10 @@ class DestinationOptions(EndOptions):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"{name} must be >= 0, not {value}")
+        if self.max_pending_handshakes < 1:
+            raise ConfigError(
+                f"max_pending_handshakes must be >= 1, not {self.max_pending_handshakes}"
+            )
 
 
 #: ``qemu_save`` and ``multifd qemu-save``: a destination waiting for a person to start QEMU's

@@ -55,6 +55,7 @@ class MigrationStats:
     payload_bytes: int = 0  # payload bytes on multifd channels
     checksum_packets: int = 0  # packets sealed with a checksum (source) / checked (destination)
     verified_blocks: int = 0  # blocks whose content digest was sent (source) / checked
+    refused_connections: int = 0  # destination: connections closed as not this migration's
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
     error: str | None = None
@@ -137,6 +138,10 @@ class MigrationStats:
         """``count`` blocks' content digests sent (source) or checked (destination)."""
         self.verified_blocks += count
 
+    def refuse_connection(self) -> None:
+        """A connection that is not this migration's was closed (``accept.py``)."""
+        self.refused_connections += 1
+
     def round_done(self) -> None:
         """A round ended with its sync barrier (see the module's doc)."""
         self.rounds += 1
@@ -178,6 +183,7 @@ class MigrationStats:
             "throughput-bytes-per-second": round(self.throughput),
             "compression-ratio": round(self.compression_ratio, 4),
             "per-channel": [vars(c).copy() for c in self.per_channel],
+            "refused-connections": self.refused_connections,
         }
         if self.error:
             out["error-desc"] = self.error

@@ -7,8 +7,10 @@ it wants; the destination side runs in ``multifd_core.testing.destination_agains
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 
+import pytest
 import trio
 
 from multifd_core.mainstream import MainStreamWriter
@@ -58,3 +60,12 @@ async def aclose_all(streams: Sequence[trio.abc.AsyncResource]) -> None:
     """Close every stream a hand-written peer opened."""
     for stream in streams:
         await stream.aclose()
+
+
+def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The destination's warnings about the connections it refused (``accept.py``), in order."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "multifd_core.accept" and r.levelno == logging.WARNING
+    ]

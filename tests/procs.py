@@ -86,6 +86,15 @@ def one_line_error(res: Any, command: str) -> str:
     return lines[0]
 
 
+def warnings_then_error(err: str, command: str) -> tuple[list[str], str]:
+    """A failed command's stderr: its warnings (one line each, e.g. a refused connection), then
+    exactly one error line, nothing else (no traceback). Returns both."""
+    lines = err.strip().splitlines()
+    assert lines and lines[-1].startswith(f"multifd {command}: error: "), err
+    assert all(line.startswith(f"multifd {command}: warning: ") for line in lines[:-1]), err
+    return lines[:-1], lines[-1]
+
+
 def wait_ready_file(
     proc: subprocess.Popen[str], ready: Path, timeout: float = TIMEOUT
 ) -> tuple[str, int]:

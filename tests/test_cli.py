@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from procs import finish, one_line_error, receiver, run, spawn
+from procs import finish, one_line_error, receiver, run, spawn, warnings_then_error
 
 from multifd_core.testing import random_files
 
@@ -239,17 +239,23 @@ def test_channel_count_mismatch_more_senders(tmp_path: Path) -> None:
 
 
 def test_uuid_mismatch(tmp_path: Path, inputs: Inputs) -> None:
+    """Channels of another uuid are another migration's: recv refuses each with a warning line
+    and goes on, until its --timeout, whose error names them; the sender fails too."""
     out_dir = tmp_path / "out"
     x = "11111111-1111-1111-1111-111111111111"
     y = "22222222-2222-2222-2222-222222222222"
-    with receiver(tmp_path / "ready", out_dir, "--uuid", x) as (recv, port):
+    with receiver(tmp_path / "ready", out_dir, "--uuid", x, timeout=3) as (recv, port):
         with spawn(*sender(port, "--uuid", y, str(inputs.big))) as send:
             received = finish(recv, 20)
             sent = finish(send, 20)
     assert received.rc == 1
-    line = one_line_error(received, "recv")
-    assert "uuid" in line.lower()
-    assert y in line and x in line
+    warnings, line = warnings_then_error(received.err, "recv")
+    assert len(warnings) == 2  # channels 0 and 1; the main channel carries no uuid
+    for warning in warnings:
+        assert "refused a connection from 127.0.0.1:" in warning
+        assert "UuidMismatch: channel " in warning and f"uuid {y} does not match {x}" in warning
+    assert "MigrationTimeout: only 1 of 3 connections" in line
+    assert "2 other connection(s) refused" in line and y in line and x in line
     assert sent.rc == 1
     one_line_error(sent, "send")
     assert os.listdir(out_dir) == []

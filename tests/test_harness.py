@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from multifd_core import RAMBlock
-from multifd_core.errors import ChannelClosed, UuidMismatch
+from multifd_core.errors import BadChannelId, ChannelClosed
 from multifd_core.testing import LoopbackRun, image_blocks, run_loopback
 
 
@@ -40,8 +40,9 @@ async def test_hooks_rounds_and_side_tasks() -> None:
 
 async def test_errors_raised_or_captured() -> None:
     block = RAMBlock("ram", bytearray(1 << 20))
-    mismatch = {"source": {"uuid": bytes(16)}, "destination": {"uuid": bytes(range(16))}}
-    with pytest.raises(UuidMismatch):  # the destination's error first
+    # a source with more channels than the destination: BadChannelId there, the source cut off
+    mismatch = {"source": {"channels": 3}, "destination": {"channels": 2}}
+    with pytest.raises(BadChannelId):  # the destination's error first
         await run_loopback([block], close_on_error=True, timeout=10, **mismatch)  # type: ignore[arg-type]
     run = await run_loopback(
         [block],
@@ -50,7 +51,7 @@ async def test_errors_raised_or_captured() -> None:
         timeout=10,
         **mismatch,  # type: ignore[arg-type]
     )
-    assert isinstance(run.dst_error, UuidMismatch)
+    assert isinstance(run.dst_error, BadChannelId)
     assert isinstance(run.src_error, ChannelClosed)
 
 

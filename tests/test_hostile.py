@@ -2,28 +2,30 @@
 
 A hand-driven source writes the main stream and the channels byte by byte, so that each test
 breaks exactly one rule; the destination must end with the typed error naming it, never write
-outside its blocks, and leave no socket behind.
+outside its blocks, and leave no socket behind. A connection that is not this migration's (junk:
+another uuid, garbage, a second main channel, silence) is closed with a warning and the
+migration goes on: here, with no real source behind, until connect_timeout, whose error names
+the refusal (tests/test_junk_connections.py has them beside real migrations).
 """
 
 from __future__ import annotations
 
+from uuid import UUID
+
 import pytest
 import trio
-from peers import connect_channel, main_setup, sync_packet
+from peers import connect_channel, main_setup, refusals, sync_packet
 
 from multifd_core import MemoryNetwork, RAMBlock, load_methods
 from multifd_core.errors import (
     BadChannelId,
-    BadMagic,
     BadOffset,
     BlockMismatch,
     ChannelClosed,
     CompressionMismatch,
     DuplicateChannel,
-    MainStreamError,
     MigrationTimeout,
     UnknownBlock,
-    UuidMismatch,
 )
 from multifd_core.mainstream import MainStreamWriter
 from multifd_core.testing import destination_against, guarded_block, identity_method, run_loopback
@@ -57,23 +59,42 @@ async def between_real_ends(block: RAMBlock, source: dict, destination: dict):
     )
 
 
-async def test_uuid_mismatch() -> None:
+async def test_uuid_mismatch(caplog: pytest.LogCaptureFixture) -> None:
+    """Another migration's channel: closed with a warning; the connect timeout names it."""
+    closed = trio.Event()
+
     async def peer(net: MemoryNetwork) -> None:
         main = await net.connect()
         await main.send_all(main_setup([("ram", 1 << 20)]))
-        await connect_channel(net.connect, 0, UUID_B)
+        other = await connect_channel(net.connect, 0, UUID_B)
+        assert await other.receive_some() == b""  # the destination closed it
+        closed.set()
         await trio.sleep_forever()
 
-    err = await expect_destination_error(peer, UuidMismatch, uuid=UUID_A)
-    assert "does not match" in str(err)
+    err = await expect_destination_error(peer, MigrationTimeout, uuid=UUID_A, connect_timeout=1)
+    assert closed.is_set()
+    mismatch = (
+        f"UuidMismatch: channel 0 uuid {UUID(bytes=UUID_B)} does not match {UUID(bytes=UUID_A)}"
+    )
+    assert str(err) == (
+        "only 1 of 3 connections (main + 2 channels) arrived within 1 s; "
+        f"1 other connection(s) refused (the last: {mismatch})"
+    )
+    assert refusals(caplog) == [f"refused a connection: {mismatch}"]
 
 
-async def test_uuid_mismatch_between_real_ends() -> None:
-    """Our own source with another uuid: the destination refuses, both ends stop."""
+async def test_uuid_mismatch_between_real_ends(caplog: pytest.LogCaptureFixture) -> None:
+    """Our own source with another uuid: the destination refuses its channels (junk, each with
+    a warning), the source fails on its closed channels and closes its main channel, and the
+    destination's error for that names the refusals."""
     block = RAMBlock("ram", bytearray(1 << 20))
     run = await between_real_ends(block, {"uuid": UUID_B}, {"uuid": UUID_A})
-    assert isinstance(run.dst_error, UuidMismatch)
-    assert isinstance(run.src_error, ChannelClosed)
+    assert isinstance(run.src_error, ChannelClosed), run.src_error
+    assert isinstance(run.dst_error, ChannelClosed) and run.dst_error.channel is None
+    assert "closed early" in str(run.dst_error)
+    assert "other connection(s) refused (the last: UuidMismatch: channel " in str(run.dst_error)
+    assert refusals(caplog), "no warning"
+    assert all("UuidMismatch" in line and "does not match" in line for line in refusals(caplog))
 
 
 async def test_channel_id_out_of_range() -> None:
@@ -94,32 +115,47 @@ async def test_duplicate_channel_id() -> None:
     await expect_destination_error(peer, DuplicateChannel)
 
 
-async def test_garbage_connection() -> None:
+async def test_garbage_connection(caplog: pytest.LogCaptureFixture) -> None:
     async def peer(net: MemoryNetwork) -> None:
         s = await net.connect()
         await s.send_all(b"GET / HTTP/1.1\r\n\r\n")
         await trio.sleep_forever()
 
-    err = await expect_destination_error(peer, BadMagic)
-    assert "47455420" in str(err)  # "GET " in hex
+    err = await expect_destination_error(peer, MigrationTimeout, connect_timeout=1)
+    assert "only 0 of 3" in str(err) and "the last: BadMagic: " in str(err)
+    [line] = refusals(caplog)
+    assert line.startswith("refused a connection: BadMagic: a connection starts with 47455420")
 
 
-async def test_second_main_channel() -> None:
+async def test_second_main_channel(caplog: pytest.LogCaptureFixture) -> None:
     async def peer(net: MemoryNetwork) -> None:
         for _ in range(2):
             s = await net.connect()
             await s.send_all(main_setup([("ram", 1 << 20)]))
         await trio.sleep_forever()
 
-    await expect_destination_error(peer, MainStreamError)
+    err = await expect_destination_error(peer, MigrationTimeout, connect_timeout=1)
+    assert "only 1 of 3" in str(err)
+    assert refusals(caplog) == [
+        "refused a connection: MainStreamError: a second main channel (QEVM) connected"
+    ]
 
 
-async def test_silent_connection_times_out() -> None:
+async def test_silent_connection_times_out(caplog: pytest.LogCaptureFixture) -> None:
+    """A connection that never says anything: refused after handshake_timeout, not fatal."""
+
     async def peer(net: MemoryNetwork) -> None:
         await net.connect()  # never says anything
         await trio.sleep_forever()
 
-    await expect_destination_error(peer, MigrationTimeout, handshake_timeout=0.3)
+    err = await expect_destination_error(
+        peer, MigrationTimeout, handshake_timeout=0.3, connect_timeout=1.5
+    )
+    assert str(err).startswith("only 0 of 3 connections")
+    assert "the last: MigrationTimeout: sent no handshake within 0.3 s" in str(err)
+    assert refusals(caplog) == [
+        "refused a connection: MigrationTimeout: sent no handshake within 0.3 s"
+    ]
 
 
 async def test_missing_channels_time_out() -> None:

@@ -13,16 +13,20 @@ then just closes the connection: its peer learns nothing but that the connection
 7.2 never ends a TLS channel with a close_notify (qemu-save takes that as an end of stream,
 ``TLSAcceptor(https_compatible=True)``); 10.0 sends one on its multifd channels.
 
-What a refusal looks like, as measured (both versions alike). Where our side checks (its CA,
-its host name, qemu-save's client CA) it exits 1 with a TLSError saying why; QEMU then fails
-its outgoing migration (the write after its handshake fails), or logs ``TLS handshake failed``
-for an incoming one and keeps waiting: a QEMU destination never goes ``failed`` for a
+What a refusal looks like, as measured (both versions alike). Where qemu-restore checks (its
+CA, its host name) it exits 1 with a TLSError saying why; QEMU logs ``TLS handshake failed``
+for that incoming connection and keeps waiting: a QEMU destination never goes ``failed`` for a
 connection whose TLS fails, it takes the next one (checked: a good restore then completes).
-Where QEMU checks (its CA, its host name), it does so after the handshake and closes without an
-alert: a QEMU source goes ``failed`` with the reason in ``error-desc``, a QEMU destination logs
-it. qemu-save's handshake waits for QEMU's first bytes (``TLSAcceptor(first_bytes=True)``), so
-a close right after the handshake is a TLSError saying that its certificate was refused;
-qemu-restore, which speaks first, sees only a closed channel (ChannelClosed).
+qemu-save, a destination too, does the same (issue 13: a connection that fails its handshake is
+not the migration's): one warning line saying why per refused connection, and it keeps
+waiting; QEMU fails its outgoing migration (the write after its handshake fails). Checked: a
+good source then captures into it, or (where qemu-save's own CA was wrong) its ``--timeout``
+ends it with an error naming the last refusal. Where QEMU checks (its CA, its host name), it
+does so after the handshake and closes without an alert: a QEMU source goes ``failed`` with the
+reason in ``error-desc``, a QEMU destination logs it. qemu-save's handshake waits for QEMU's
+first bytes (``TLSAcceptor(first_bytes=True)``), so a close right after the handshake is a
+TLSError saying that its certificate was refused; qemu-restore, which speaks first, sees only a
+closed channel (ChannelClosed).
 
 Matrix, per QEMU version (7.2, 10.0), about 26 s in all under TCG: one capture and restore over
 mutual TLS (2 channels, zstd; a running guest, RAM equal to QEMU's pmemsave, the restored
@@ -51,6 +55,7 @@ if os.fspath(Path(__file__).resolve().parent) not in sys.path:  # for the harnes
     sys.path.insert(0, os.fspath(Path(__file__).resolve().parent))
 pytest.register_assert_rewrite("qemu_harness")
 import qemu_harness as qh  # noqa: E402
+from procs import warnings_then_error  # noqa: E402
 
 pytest_plugins = ["qemu_harness"]
 QEMU_TESTS = True
@@ -169,6 +174,7 @@ def tls_source(
     cert: bool = True,
     hostname: str = "localhost",
     paused: bool = False,
+    name: str = "src",
 ) -> qh.Qemu:
     """A boot-sector guest (running unless ``paused``) set to migrate with multifd over TLS:
     the client endpoint trusting the CA (or the other one), with a client certificate unless
@@ -176,10 +182,10 @@ def tls_source(
     where = pki.qemu_dir("client", other=other, cert=cert)
     creds = f"tls-creds-x509,id=tls0,dir={where},endpoint=client"
     source = lab.qemu(
-        "src",
+        name,
         "-machine",
         MACHINE[version],
-        *boot_drive(lab, "src"),
+        *boot_drive(lab, name),
         "-object",
         creds,
         paused=paused,
@@ -213,12 +219,14 @@ def tls_destination(
     return dest, int(dest.query_migrate()["socket-address"][0]["port"])
 
 
-def start_save(lab: qh.Lab, pki: PKI, snap: Path, *, client_ca: Path | None) -> qh.MultifdProcess:
+def start_save(
+    lab: qh.Lab, pki: PKI, snap: Path, *, client_ca: Path | None, timeout: float = WAIT
+) -> qh.MultifdProcess:
     save = lab.qemu_save(
         snap,
         channels=CHANNELS,
         method=METHOD,
-        timeout=WAIT,
+        timeout=timeout,
         extra=save_tls(pki, client_ca=client_ca),
     )
     assert save.port is not None
@@ -249,6 +257,19 @@ def wait_counters(q: qh.Qemu, tmp: Path, above: list[int] | None = None) -> list
         if all(counters) and (above is None or all(map(int.__gt__, counters, above))):
             return counters
         assert time.monotonic() < deadline, f"{q.name}: the guest does not run: {q.log_tail()}"
+        time.sleep(0.05)
+
+
+def wait_warning(proc: qh.MultifdProcess, command: str) -> str:
+    """The first warning line ``proc`` writes on stderr, once written (bounded)."""
+    deadline = time.monotonic() + PROMPT
+    while True:
+        lines = proc.stderr().splitlines(keepends=True)
+        if lines and lines[0].endswith("\n"):
+            assert lines[0].startswith(f"multifd {command}: warning: "), lines
+            return lines[0].strip()
+        assert proc.proc.poll() is None, proc.stderr()
+        assert time.monotonic() < deadline, proc.stderr()
         time.sleep(0.05)
 
 
@@ -338,31 +359,46 @@ CAPTURE_REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
 @pytest.mark.parametrize("version", qh.QEMU_VERSIONS)
 @pytest.mark.parametrize("case", list(CAPTURE_REFUSALS))
 def test_capture_refused(lab: qh.Lab, pki: PKI, version: str, case: str) -> None:
-    """qemu-save exits 1 at once with one error line; QEMU's migration ends ``failed``."""
+    """QEMU's migration ends ``failed``; qemu-save says why at once in one warning line and,
+    as a QEMU destination does, keeps waiting: where QEMU was wrong, a good source then
+    captures into it; where qemu-save was, its --timeout ends it, naming the refusal."""
     qh.skip_unless_qemu(version)
     qemu_side, our_side = CAPTURE_REFUSALS[case]
     source = tls_source(lab, pki, version, paused=True, **qemu_side)
     snap = lab.tmp / "snap"
     client_ca = {"ca": pki.pem("ca"), "other": pki.pem("other"), "none": None}[our_side]
-    save = start_save(lab, pki, snap, client_ca=client_ca)
+    ours_wrong = case == "save-trusts-another-ca"
+    save = start_save(lab, pki, snap, client_ca=client_ca, timeout=5 if ours_wrong else WAIT)
     source.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
-    assert save.wait(PROMPT) == 1, save.stderr()
-    line = error_line(save, "qemu-save")
     info = source.wait_migration(PROMPT)
     assert info["status"] == "failed", info
     why = info.get("error-desc", "")
-    if case == "save-trusts-another-ca":
-        assert "TLSError: main channel: TLS handshake failed: certificate verify failed: " in line
+    line = wait_warning(save, "qemu-save")
+    assert line.startswith("multifd qemu-save: warning: refused a connection from 127.0.0.1:")
+    if ours_wrong:
+        assert "TLSError: TLS handshake failed: certificate verify failed: " in line
         assert "the client's certificate" in line and "wrong CA?" in line, line
     else:
         # QEMU checks our certificate after the handshake and just closes: qemu-save says so
-        assert "TLSError: main channel: TLS handshake failed: the client closed the " in line
+        assert "TLSError: TLS handshake failed: the client closed the " in line
         assert "right after the handshake" in line and "refused this side's certificate" in line
         if case == "qemu-wants-another-host":
             assert why == "Certificate does not match the hostname wrong.example", info
         else:
             assert "issuer" in why or "not trusted" in why or "signer" in why, info
-    assert not snap.exists() or not any(snap.iterdir()), sorted(snap.iterdir())
+    if ours_wrong:
+        assert save.wait(WAIT) == 1, save.stderr()
+        _, error = warnings_then_error(save.stderr(), "qemu-save")
+        assert "MigrationTimeout: only 0 of 3 connections" in error, error
+        assert "refused (the last from 127.0.0.1:" in error and "wrong CA?" in error, error
+        assert not snap.exists() or not any(snap.iterdir()), sorted(snap.iterdir())
+        return
+    good = tls_source(lab, pki, version, name="good")
+    good.cmd("migrate", uri=f"tcp:127.0.0.1:{save.port}")
+    assert good.wait_migration(WAIT)["status"] == "completed", good.log_tail()
+    assert save.wait(WAIT) == 0, save.stderr()
+    assert save.json()["status"] == "completed"
+    assert save.json()["refused-connections"] >= 1
 
 
 #: Refused restores: how QEMU (``tls_destination``) and qemu-restore differ from a good one.

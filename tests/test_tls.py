@@ -2,8 +2,10 @@
 
 Migrations that must work (server authentication, mutual TLS, several channels, zstd) verify the
 destination's memory and that every connection really was TLS; connections that must be refused
-(wrong CA, wrong hostname, missing or foreign client certificate, plaintext against TLS) end on
-both sides promptly, each with a typed error saying why, and leave no socket behind.
+(wrong CA, wrong hostname, missing or foreign client certificate, plaintext against TLS) end the
+source promptly with a typed error saying why; the destination closes them with a warning saying
+why and goes on (they are not this migration's connections: issue 13), until its connect
+timeout, whose error names the last refusal. Nothing leaves a socket behind.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 import json
 import random
 import ssl
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-import trustme
+from certs import PKI, make_pki
+from peers import refusals
 from procs import finish, receiver, run
 
 from multifd_core import (
@@ -34,9 +36,9 @@ from multifd_core import (
     tls_connector,
 )
 from multifd_core.errors import (
-    BadMagic,
     ChannelError,
     ConfigError,
+    MigrationTimeout,
     MultiFDError,
     TLSError,
 )
@@ -49,51 +51,9 @@ PS = 4096
 PROMPT = 5.0
 
 
-@dataclass
-class PKI:
-    """Certificate files: a CA, a server certificate for localhost / 127.0.0.1, client
-    certificates from the same CA and from another CA."""
-
-    ca: Path
-    other_ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    foreign_cert: Path  # a client certificate signed by the other CA
-    foreign_key: Path
-    other_server_cert: Path  # a server certificate signed by the other CA
-    other_server_key: Path
-
-
-def _write_leaf(leaf: trustme.LeafCert, cert: Path, key: Path) -> None:
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-    leaf.private_key_pem.write_to_path(str(key))
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
-    d = tmp_path_factory.mktemp("pki")
-    ca, other = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(str(d / "ca.pem"))
-    other.cert_pem.write_to_path(str(d / "other-ca.pem"))
-    p = PKI(
-        ca=d / "ca.pem",
-        other_ca=d / "other-ca.pem",
-        server_cert=d / "server.pem",
-        server_key=d / "server.key",
-        client_cert=d / "client.pem",
-        client_key=d / "client.key",
-        foreign_cert=d / "foreign.pem",
-        foreign_key=d / "foreign.key",
-        other_server_cert=d / "other-server.pem",
-        other_server_key=d / "other-server.key",
-    )
-    _write_leaf(ca.issue_cert("localhost", "127.0.0.1"), p.server_cert, p.server_key)
-    _write_leaf(ca.issue_cert("source.example"), p.client_cert, p.client_key)
-    _write_leaf(other.issue_cert("source.example"), p.foreign_cert, p.foreign_key)
-    _write_leaf(other.issue_cert("localhost"), p.other_server_cert, p.other_server_key)
-    return p
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def zstd_installed() -> bool:
@@ -120,6 +80,7 @@ async def run_migration(
     size: int = 4 << 20,
     rounds: int = 2,
     random_data: bool = False,
+    connect_timeout: float = 30.0,
 ) -> Outcome:
     """One migration over loopback TCP: the destination listens with ``server`` (None: plain),
     the source connects through ``connect_wrap(tcp_connector)``; a failed destination closes
@@ -155,7 +116,7 @@ async def run_migration(
         wrap_connect=connect_wrap,
         wrap_accept=with_tls,
         source={"channels": channels, "method": method},
-        destination={"channels": channels, "method": method},
+        destination={"channels": channels, "method": method, "connect_timeout": connect_timeout},
         close_on_error=True,
         capture_errors=True,
         timeout=20,
@@ -239,89 +200,102 @@ async def test_ip_address_as_hostname(pki: PKI, no_leaks: None) -> None:
     check_completed(out, 2)
 
 
-# --- refused: both ends stop promptly with a typed error saying why -------------------------
+# --- refused: the source stops promptly with a typed error saying why; the destination says
+# why in a warning per refused connection, goes on, and its connect timeout names the last one
+
+#: the destination's connect timeout in the refused cases: no source is left to come
+REFUSED_CONNECT_TIMEOUT = 2.0
 
 
-def check_refused(out: Outcome) -> tuple[BaseException, BaseException]:
+async def refused(
+    caplog: pytest.LogCaptureFixture, server: ssl.SSLContext | None, wrap: Any, **kw: Any
+) -> tuple[BaseException, str]:
+    """A migration whose connections the destination refuses: the source's error, and the
+    destination's first warning (every warning says the same; its error names the last)."""
+    out = await run_migration(server, wrap, connect_timeout=REFUSED_CONNECT_TIMEOUT, **kw)
     assert isinstance(out.src, MultiFDError), f"source: {out.src!r}"
-    assert isinstance(out.dst, MultiFDError), f"destination: {out.dst!r}"
-    assert out.src_seconds < PROMPT and out.dst_seconds < PROMPT, out
+    assert out.src_seconds < PROMPT, out
     assert out.received is None
-    return out.src, out.dst
+    # the destination went on without them: only its connect timeout ended it
+    assert isinstance(out.dst, MigrationTimeout), f"destination: {out.dst!r}"
+    assert str(out.dst).startswith("only 0 of 3 connections (main + 2 channels) arrived ")
+    lines = refusals(caplog)
+    assert lines, "no warning"
+    assert all(line.startswith("refused a connection from 127.0.0.1:") for line in lines)
+    last = lines[-1].removeprefix("refused a connection")  # " from HOST:PORT: why"
+    assert str(out.dst).endswith(f" other connection(s) refused (the last{last})")
+    return out.src, lines[0]
 
 
-async def test_wrong_ca(pki: PKI, no_leaks: None) -> None:
+async def test_wrong_ca(pki: PKI, caplog: pytest.LogCaptureFixture, no_leaks: None) -> None:
     server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
-    out = await run_migration(server, client(pki, ca_file=pki.other_ca))
-    src, dst = check_refused(out)
+    src, dst = await refused(caplog, server, client(pki, ca_file=pki.other_ca))
     assert isinstance(src, TLSError) and src.channel is None  # the main channel, first
     assert "certificate verify failed" in str(src)
     assert "the server's certificate" in str(src)
-    assert isinstance(dst, TLSError)
-    assert "unknown ca" in str(dst)
+    assert ": TLSError: TLS handshake failed: " in dst and "unknown ca" in dst, dst
 
 
-async def test_server_certificate_from_another_ca(pki: PKI, no_leaks: None) -> None:
+async def test_server_certificate_from_another_ca(
+    pki: PKI, caplog: pytest.LogCaptureFixture, no_leaks: None
+) -> None:
     server = server_context(cert_file=pki.other_server_cert, key_file=pki.other_server_key)
-    out = await run_migration(server, client(pki))
-    src, dst = check_refused(out)
+    src, dst = await refused(caplog, server, client(pki))
     assert isinstance(src, TLSError)
     assert "certificate verify failed" in str(src)
-    assert isinstance(dst, TLSError)
+    assert ": TLSError: TLS handshake failed: " in dst, dst
 
 
-async def test_wrong_hostname(pki: PKI, no_leaks: None) -> None:
+async def test_wrong_hostname(pki: PKI, caplog: pytest.LogCaptureFixture, no_leaks: None) -> None:
     server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
-    out = await run_migration(server, client(pki, hostname="wrong.example"))
-    src, dst = check_refused(out)
+    src, dst = await refused(caplog, server, client(pki, hostname="wrong.example"))
     assert isinstance(src, TLSError)
     assert "hostname mismatch" in str(src).lower()
     assert "wrong.example" in str(src)
-    assert isinstance(dst, TLSError)
-    assert "bad certificate" in str(dst)
+    assert ": TLSError: " in dst and "bad certificate" in dst, dst
 
 
-async def test_missing_client_certificate(pki: PKI, no_leaks: None) -> None:
+async def test_missing_client_certificate(
+    pki: PKI, caplog: pytest.LogCaptureFixture, no_leaks: None
+) -> None:
     server = server_context(
         cert_file=pki.server_cert, key_file=pki.server_key, client_ca_file=pki.ca
     )
     # random data: a source that did not notice would need far more than the socket buffers
-    out = await run_migration(server, client(pki), size=16 << 20, random_data=True)
-    src, dst = check_refused(out)
-    assert isinstance(dst, TLSError)
-    assert "missing client certificate" in str(dst)
+    src, dst = await refused(caplog, server, client(pki), size=16 << 20, random_data=True)
+    assert ": TLSError: " in dst and "missing client certificate" in dst, dst
     # TLS 1.3: the client's handshake ends before the server checks it; the source learns
     # of the refusal from the closed connection
     assert isinstance(src, ChannelError)
 
 
-async def test_client_certificate_from_another_ca(pki: PKI, no_leaks: None) -> None:
+async def test_client_certificate_from_another_ca(
+    pki: PKI, caplog: pytest.LogCaptureFixture, no_leaks: None
+) -> None:
     server = server_context(
         cert_file=pki.server_cert, key_file=pki.server_key, client_ca_file=pki.ca
     )
     wrap = client(pki, cert_file=pki.foreign_cert, key_file=pki.foreign_key)
-    out = await run_migration(server, wrap, size=16 << 20, random_data=True)
-    src, dst = check_refused(out)
-    assert isinstance(dst, TLSError)
-    assert "certificate verify failed" in str(dst)
-    assert "the client's certificate" in str(dst)
+    src, dst = await refused(caplog, server, wrap, size=16 << 20, random_data=True)
+    assert ": TLSError: " in dst and "certificate verify failed" in dst, dst
+    assert "the client's certificate" in dst
     assert isinstance(src, ChannelError)
 
 
-async def test_plaintext_source_to_tls_destination(pki: PKI, no_leaks: None) -> None:
+async def test_plaintext_source_to_tls_destination(
+    pki: PKI, caplog: pytest.LogCaptureFixture, no_leaks: None
+) -> None:
     server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
-    out = await run_migration(server, plain, size=16 << 20, random_data=True)
-    src, dst = check_refused(out)
-    assert isinstance(dst, TLSError)
-    assert "does not speak TLS" in str(dst)
+    src, dst = await refused(caplog, server, plain, size=16 << 20, random_data=True)
+    assert ": TLSError: " in dst and "does not speak TLS" in dst, dst
     assert isinstance(src, ChannelError)
 
 
-async def test_tls_source_to_plaintext_destination(pki: PKI, no_leaks: None) -> None:
-    out = await run_migration(None, client(pki))
-    src, dst = check_refused(out)
-    assert isinstance(dst, BadMagic)
-    assert "the peer uses TLS" in str(dst)
+async def test_tls_source_to_plaintext_destination(
+    pki: PKI, caplog: pytest.LogCaptureFixture, no_leaks: None
+) -> None:
+    src, dst = await refused(caplog, None, client(pki))
+    assert ": BadMagic: " in dst and "the peer uses TLS" in dst, dst
     assert isinstance(src, TLSError)
     assert "TLS handshake failed" in str(src)
 
@@ -329,9 +303,12 @@ async def test_tls_source_to_plaintext_destination(pki: PKI, no_leaks: None) -> 
 # --- the handshake's place and bounds -------------------------------------------------------
 
 
-async def test_silent_client_does_not_block_other_connections(pki: PKI, no_leaks: None) -> None:
+async def test_silent_client_does_not_block_other_connections(
+    pki: PKI, caplog: pytest.LogCaptureFixture, no_leaks: None
+) -> None:
     """A connection that never starts its handshake sits in its own task: the source's
-    connections are accepted and handshaken meanwhile, and the migration's data arrives."""
+    connections are accepted and handshaken meanwhile, and the migration completes; the
+    silent one is refused (a warning) after its handshake timeout."""
     server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
     memory = vm_like_image(1 << 20)
     ctx = client_context(ca_file=pki.ca)
@@ -354,30 +331,43 @@ async def test_silent_client_does_not_block_other_connections(pki: PKI, no_leaks
             transport=Link(connect, tls_acceptor(accept, server)),
             source={"channels": 2},
             destination={"channels": 2, "handshake_timeout": 3},
-            capture_errors=True,  # the destination's: the silent one timing out, at the end
             timeout=15,
         )
         await silent.aclose()
-    assert run.src_error is None and run.src_stats is not None
-    assert run.src_stats.status == "completed"
-    assert run.dst.destination is not None
-    assert run.dst.destination.blocks["ram"].host.tobytes() == bytes(memory)
+    assert run.src_stats is not None and run.src_stats.status == "completed"
+    assert run.dst_stats is not None and run.dst_stats.status == "completed"
+    assert run.dst_blocks["ram"].host.tobytes() == bytes(memory)
+    [line] = refusals(caplog)
+    assert line.endswith(": MigrationTimeout: sent no handshake within 3 s"), line
+    assert run.dst_stats.refused_connections == 1
 
 
-async def test_destination_handshake_timeout(pki: PKI, no_leaks: None) -> None:
-    """A client that connects and never speaks TLS: the destination gives up after its
-    handshake timeout, with a typed error."""
-    from multifd_core.errors import MigrationTimeout
-
+async def test_destination_handshake_timeout(
+    pki: PKI, caplog: pytest.LogCaptureFixture, no_leaks: None
+) -> None:
+    """A client that connects and never speaks TLS: the destination gives up on it after its
+    handshake timeout (a warning) and goes on; its connect timeout then names it."""
     server = server_context(cert_file=pki.server_cert, key_file=pki.server_key)
     async with await open_tcp_acceptor("127.0.0.1", 0) as acc:
         silent = await trio.open_tcp_stream("127.0.0.1", acc.port)
-        with trio.fail_after(10), pytest.raises(MigrationTimeout, match="handshake"):
+        port = silent.socket.getsockname()[1]
+        with trio.fail_after(10), pytest.raises(MigrationTimeout) as info:
             async with open_destination(
-                tls_acceptor(acc, server), channels=1, handshake_timeout=0.5
+                tls_acceptor(acc, server), channels=1, handshake_timeout=0.5, connect_timeout=1.5
             ) as dst:
                 await dst.wait()
+        assert await silent.receive_some() == b""  # closed by the destination
         await silent.aclose()
+    [line] = refusals(caplog)
+    assert line == (
+        f"refused a connection from 127.0.0.1:{port}: MigrationTimeout: sent no handshake "
+        "within 0.5 s"
+    )
+    assert str(info.value) == (
+        "only 0 of 2 connections (main + 1 channels) arrived within 1.5 s; 1 other "
+        f"connection(s) refused (the last from 127.0.0.1:{port}: MigrationTimeout: sent no "
+        "handshake within 0.5 s)"
+    )
 
 
 async def test_source_handshake_timeout(pki: PKI, no_leaks: None) -> None:
@@ -553,6 +543,13 @@ def tls_receiver(tmp_path: Path, *args: str) -> Any:
     return receiver(tmp_path / "ready", tmp_path / "out", *args, timeout=20)
 
 
+def wait_stderr_line(proc: Any) -> str:
+    """The next line ``proc`` writes on stderr (bounded by the test's timeout)."""
+    line: str = proc.stderr.readline()
+    assert line, "stderr closed"
+    return line
+
+
 def input_files(tmp_path: Path) -> list[Path]:
     sizes = {"a.bin": 3 << 20, "b.bin": 10000, "c.bin": 5 * PS}
     return random_files(tmp_path / "in", sizes, 7, zero={"c.bin"})
@@ -594,23 +591,28 @@ def test_cli_send_recv_over_tls(pki: PKI, tmp_path: Path, mutual: bool) -> None:
         assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes()
 
 
-def test_cli_wrong_ca_fails_on_both_ends(pki: PKI, tmp_path: Path) -> None:
+def test_cli_wrong_ca_fails_the_sender_only(pki: PKI, tmp_path: Path) -> None:
+    """A send trusting another CA fails at once with the reason; recv says why in one warning
+    line, goes on, and a send with the right CA then migrates into it."""
     files = input_files(tmp_path)
     recv_args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
     with tls_receiver(tmp_path, *recv_args) as (recv, port):
-        start = time.monotonic()
         rc, _, err = run(
             "send", "--connect", f"127.0.0.1:{port}", "--tls-ca", str(pki.other_ca), str(files[0])
         )
         assert rc == 1
         line = one_error_line(err, "send")
         assert "TLSError" in line and "certificate verify failed" in line, line
+        warning = wait_stderr_line(recv)  # recv is still running: it said why, once
+        assert warning.startswith("multifd recv: warning: refused a connection from 127.0.0.1:")
+        assert "TLSError: TLS handshake failed: " in warning and "unknown ca" in warning
+        assert recv.poll() is None
+        good = run("send", "--connect", f"127.0.0.1:{port}", "--tls-ca", str(pki.ca), str(files[0]))
+        assert good.rc == 0, good.err
         rrc, _, rerr = finish(recv)
-        assert time.monotonic() - start < 15  # not by recv's 20 s timeout
-    assert rrc == 1
-    line = one_error_line(rerr, "recv")
-    assert "TLSError" in line and "unknown ca" in line, line
-    assert not list((tmp_path / "out").iterdir())  # no file, not even a .part
+    assert rrc == 0, rerr
+    assert rerr == ""  # the warning was read above; nothing else
+    assert (tmp_path / "out" / files[0].name).read_bytes() == files[0].read_bytes()
 
 
 def test_cli_tls_option_errors(pki: PKI, tmp_path: Path) -> None:

@@ -5,13 +5,16 @@ removes the socket file, but not a file that replaced it; a stale socket file (n
 a connect is refused) is replaced; a live listener's path, a regular file, a symlink and a
 directory are refused with one ConfigError and left untouched. The command (real processes,
 about 1 s each): ``multifd recv --listen unix:PATH`` after a finished run and after a SIGKILLed
-one starts fine; recv on a live listener's path fails with one line and leaves it listening;
-a regular file at the path is refused and left as it was.
+one starts fine; recv on a live listener's path fails with one line and leaves it listening,
+and when that listener is a ``multifd recv`` in the middle of a migration, recv's probe is a
+junk connection to it (one warning line) and its migration completes; a regular file at the
+path is refused and left as it was.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import ssl
@@ -24,9 +27,16 @@ from pathlib import Path
 
 import pytest
 import trio
-from procs import TIMEOUT, finish, run, spawn
+from procs import TIMEOUT, Result, finish, run, spawn
 
-from multifd_core import ConfigError, open_unix_acceptor, tls_acceptor, unix_connector
+from multifd_core import (
+    ConfigError,
+    open_source,
+    open_unix_acceptor,
+    tls_acceptor,
+    unix_connector,
+)
+from multifd_core.files import FileBlock, block_name_for, files_description
 
 # --- the library ----------------------------------------------------------------------------
 
@@ -248,6 +258,47 @@ def test_recv_refuses_a_live_listeners_path(short_dir: Path) -> None:
             conn, _ = live.accept()
             conn.close()
     assert not (short_dir / "out").exists() or not os.listdir(short_dir / "out")
+
+
+def second_recv(sock: Path, d: Path) -> tuple[int, Result]:
+    """Another ``multifd recv`` on ``sock``, run to its end: its pid and result."""
+    with spawn(*recv_args(sock, d / "out-second", d / "ready-second")) as proc:
+        return proc.pid, finish(proc)
+
+
+async def test_recv_on_a_live_recvs_path_leaves_its_migration(short_dir: Path) -> None:
+    """A second recv on the path of a recv in the middle of a migration: its probe (a connect
+    and close) is junk to the live one, which warns once and completes its migration; the
+    second fails with one clear line."""
+    sock = short_dir / "m.sock"
+    data = short_dir / "a.bin"
+    data.write_bytes(os.urandom(64 * 4096))
+    out = short_dir / "out"
+    with spawn(*recv_args(sock, out, short_dir / "ready")) as live:
+        wait_listening(live, short_dir / "ready")
+        block = FileBlock(block_name_for(data), data)
+        try:
+            described = files_description([block])
+            async with open_source([block], unix_connector(sock), description=described) as src:
+                await src.send_round()  # the migration runs: connected, a round sent
+                pid, second = await trio.to_thread.run_sync(second_recv, sock, short_dir)
+                await src.complete()
+        finally:
+            block.close()
+        received = await trio.to_thread.run_sync(finish, live)
+    assert second.rc == 1
+    [line] = second.err.splitlines()
+    assert line.startswith("multifd recv: error: ConfigError: cannot listen on unix socket")
+    assert line.endswith("another process listens on it"), line
+    assert received.rc == 0, received.err
+    assert (out / "a.bin").read_bytes() == data.read_bytes()
+    [warning] = received.err.splitlines()
+    assert re.fullmatch(
+        rf"multifd recv: warning: refused a connection from pid {pid} uid \d+: "
+        "ChannelClosed: closed by peer before its first message",
+        warning,
+    ), warning
+    assert not os.path.lexists(sock)
 
 
 def test_recv_refuses_a_regular_file(short_dir: Path) -> None:

@@ -18,7 +18,7 @@ import xxhash
 
 from multifd_core import MultiFDMethod, load_methods
 from multifd_core import mainstream as ms
-from multifd_core.errors import MultiFDError
+from multifd_core.errors import BadVersion, MultiFDError
 from multifd_core.wire import (
     MULTIFD_EXT_PACKET_CHECKSUM,
     MULTIFD_INIT_SIZE,
@@ -94,27 +94,68 @@ def model(
     *,
     max_device_state: int | None = 1 << 20,
 ) -> Verdict:
-    """Decide what the destination must make of ``conns`` (see :class:`Verdict`)."""
-    racy: list[str] = []
+    """Decide what the destination must make of ``conns`` (see :class:`Verdict`). Which
+    connection is the main channel and which uuid is the migration's may depend on the order in
+    which the handshakes end (:func:`_scenarios`): each order is modelled, and where they
+    disagree the case is racy."""
+    verdicts = []
     try:
-        return _model(conns, method, channels, given, max_device_state, racy)
-    except _Invalid as exc:
-        return Verdict("invalid", str(exc))
-    except MultiFDError as exc:
+        scenarios = _scenarios(conns, channels)
+    except MultiFDError as exc:  # an init packet of ours that breaks a rule (fatal)
         return Verdict("invalid", f"{type(exc).__name__}: {exc}")
+    for scenario in scenarios:
+        racy: list[str] = []
+        try:
+            if isinstance(scenario, str):
+                raise _Invalid(scenario)
+            main, by_id = scenario
+            verdicts.append(_model(main, by_id, method, given, max_device_state, racy))
+        except _Invalid as exc:
+            verdicts.append(Verdict("invalid", str(exc)))
+        except MultiFDError as exc:
+            verdicts.append(Verdict("invalid", f"{type(exc).__name__}: {exc}"))
+    return _combine(verdicts)
+
+
+def _combine(verdicts: list[Verdict]) -> Verdict:
+    """One verdict for the scenarios': theirs when they agree, else racy, where a page may hold
+    what any scenario that completes writes there (anything, where they differ)."""
+    done = [v for v in verdicts if v.status != "invalid"]
+    if len(verdicts) == 1 or not done:
+        return verdicts[0]
+    first = done[0]
+    if len(done) == len(verdicts) and all(
+        v.status == first.status and v.final == first.final for v in done
+    ):
+        return first
+    keys = {key for v in done for key in v.final}
+    final = {}
+    for key in keys:
+        values = [v.final.get(key) for v in done]
+        allowed: set[bytes] = set()
+        if all(values):  # written, with known contents, in every one
+            allowed = set().union(*values)
+        final[key] = allowed
+    reasons = "; ".join(v.reason or v.status for v in verdicts)
+    return Verdict("racy", f"the handshakes' order decides: {reasons}", first.blocks, final)
 
 
 def _model(
-    conns: Sequence[bytes],
+    main: bytes,
+    by_id: dict[int, bytes],
     method_name: str,
-    channels: int,
     given: Sequence[tuple[str, int]] | None,
     max_device_state: int | None,
     racy: list[str],
 ) -> Verdict:
-    main, by_id, checked = _sort_connections(conns, channels)
     writes = _Writes()
     blocks, rounds = _read_main(main, given, max_device_state, writes)
+    checked = {
+        cid
+        for cid, data in by_id.items()
+        if decode_init(data[:MULTIFD_INIT_SIZE], num_channels=256).features
+        & MULTIFD_EXT_PACKET_CHECKSUM
+    }
     method = method_named(method_name)
     rules = PacketRules(
         page_size=PS,
@@ -137,35 +178,57 @@ def _model(
     return Verdict(status, "; ".join(racy), blocks, _final(writes))
 
 
-def _sort_connections(
-    conns: Sequence[bytes], channels: int
-) -> tuple[bytes, dict[int, bytes], set[int]]:
-    """The main channel's bytes and each multifd channel's by id, with the handshake rules;
-    the ids of the channels that announced packet checksums."""
-    mains = [c for c in conns if c[:4] == QEVM]
-    chans = [c for c in conns if c[:4] == MULTIFD_MAGIC_BYTES]
-    if len(mains) + len(chans) != len(conns):
-        raise _Invalid("a connection that is neither main nor multifd")
-    if len(conns) != channels + 1:
-        raise _Invalid(f"{len(conns)} connections for {channels} channels")
-    if len(mains) != 1:
-        raise _Invalid(f"{len(mains)} main channels")
-    by_id: dict[int, bytes] = {}
-    checked: set[int] = set()
-    uuids = set()
-    for c in chans:
-        if len(c) < MULTIFD_INIT_SIZE:
-            raise _Invalid("short init packet")
-        init = decode_init(c[:MULTIFD_INIT_SIZE], num_channels=channels)
-        if init.id in by_id:
-            raise _Invalid("duplicate channel id")
-        by_id[init.id] = c
-        uuids.add(init.uuid)
-        if init.features & MULTIFD_EXT_PACKET_CHECKSUM:
-            checked.add(init.id)
-    if len(uuids) > 1:
-        raise _Invalid("channels disagree on the uuid")
-    return mains[0], by_id, checked
+def _junk(conn: bytes) -> bool:
+    """Not the migration's, whatever the others are (the destination closes it with a warning
+    and goes on): too short for its first message, neither magic, another init version."""
+    if conn[:4] == QEVM:
+        return False
+    if conn[:4] != MULTIFD_MAGIC_BYTES or len(conn) < MULTIFD_INIT_SIZE:
+        return True
+    try:  # another init version, or another multifd-py extension version
+        decode_init(conn[:MULTIFD_INIT_SIZE], num_channels=256)
+    except BadVersion:
+        return True
+    except MultiFDError:  # unknown extension features: this migration's, refused (fatal)
+        return False
+    return False
+
+
+Scenario = tuple[bytes, dict[int, bytes]] | str
+
+
+def _scenarios(conns: Sequence[bytes], channels: int) -> list[Scenario]:
+    """Each way the handshake rules may sort ``conns``: the main channel's bytes and each
+    multifd channel's by id, or why that way fails. The first QEVM read is the main channel
+    (a later one is junk); the first valid init packet read gives the migration's uuid (one of
+    another uuid is junk), and an id beyond ``channels`` or a duplicate id of that uuid fails.
+    Which connection is read first is any: their bytes come in chunks of random sizes."""
+    rest = [c for c in conns if not _junk(c)]
+    mains = sorted({c for c in rest if c[:4] == QEVM})
+    inits = [
+        (decode_init(c[:MULTIFD_INIT_SIZE], num_channels=256), c) for c in rest if c[:4] != QEVM
+    ]
+    if not mains:
+        return ["no main channel"]
+    sets: dict[object, dict[int, bytes] | str] = {}
+    for uuid in sorted({init.uuid for init, _ in inits}):
+        ours = [(init.id, c) for init, c in inits if init.uuid == uuid]
+        by_id = dict(ours)
+        if any(cid >= channels for cid, _ in ours):
+            sets["beyond"] = f"a channel id beyond {channels} channels"
+        elif len(by_id) < len(ours):
+            sets["duplicate"] = "duplicate channel id"
+        elif len(by_id) != channels:
+            sets[("short", uuid)] = f"{len(by_id)} channel(s) of the migration's uuid"
+        else:
+            sets[uuid] = by_id
+    if not sets:
+        sets[None] = "no multifd channel"
+    return [
+        (main, found) if isinstance(found, dict) else found
+        for main in mains
+        for found in sets.values()
+    ]
 
 
 def _read_main(
