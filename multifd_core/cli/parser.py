@@ -262,5 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list the installed compression methods")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 when any plugin has a problem (after listing)"
+    )
     _allow_methods(p)
     return parser
