@@ -145,3 +145,20 @@ def test_the_generated_plugin_installs_and_passes_its_tests(tmp_path):
         removed = run(*pip, "uninstall", "-y", "-q", f"multifd-{name}", cwd=tmp_path)
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert site_packages() == before
+
+
+def test_the_guide_lists_the_claimed_values():
+    """docs/writing-a-plugin.md's table is hookspecs.CLAIMED_VALUES, and every value 0..7."""
+    guide = (ROOT / "docs" / "writing-a-plugin.md").read_text()
+    table = guide.split("<!-- claimed-values", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[3:]]
+    assert [int(row[0]) for row in rows] == list(range(8))
+    for value, flags, method, by in (map(str.strip, row) for row in rows):
+        assert flags == f"`{int(value) << 1:#x}`"
+        if int(value) in CLAIMED_VALUES:
+            assert (method, by) == (
+                f"`{CLAIMED_VALUES[int(value)][0]}`",
+                CLAIMED_VALUES[int(value)][1],
+            )
+        else:
+            assert (method, by) == ("", "free")
