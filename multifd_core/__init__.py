@@ -6,7 +6,7 @@ from .bitmap import PageBitmap
 from .destination import Accept, Destination, open_destination, receive
 from .errors import *  # noqa: F403
 from .errors import MultiFDError
-from .hookspecs import hookimpl
+from .hookspecs import MULTIFD_HOOK_API, hookimpl
 from .methods import Buffer, MultiFDMethod, RecvContext, SendContext, int_option, scatter
 from .options import DestinationOptions, SourceOptions
 from .ram import RAMBlock
@@ -27,6 +27,7 @@ from .transport import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "MULTIFD_HOOK_API",
     "Accept",
     "Acceptor",
     "Connector",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
+from collections.abc import Iterable as _Iterable
 
 
 class MultiFDError(Exception):
@@ -21,7 +22,27 @@ class ConfigError(MultiFDError, ValueError):
 
 
 class PluginError(MultiFDError):
-    """A compression plugin could not be used."""
+    """A compression plugin could not be used.
+
+    What it is about, as far as known, so that an error about one method lists only the problems
+    that may explain it: ``plugin`` (the entry point's name), ``distribution`` (its name, no
+    version), and the method ``names`` (aliases included) and compression ``values`` involved.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        plugin: str | None = None,
+        distribution: str | None = None,
+        names: _Iterable[str] = (),
+        values: _Iterable[int] = (),
+    ) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+        self.distribution = distribution
+        self.names = frozenset(names)
+        self.values = frozenset(values)
 
 
 class PluginLoadError(PluginError):

@@ -48,3 +48,19 @@ def trio_tasks() -> list[trio.lowlevel.Task]:
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return tasks
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    """Fake plugin distributions for one test; load_methods discovers anew while they are
+    there, and again once they are gone (its registries are cached per process)."""
+    from fakesite import FakeSite
+
+    from multifd_core.registry import clear_method_cache
+
+    fake = FakeSite(tmp_path, monkeypatch)
+    clear_method_cache()
+    yield fake
+    clear_method_cache()
+    for name in fake.modules:
+        sys.modules.pop(name, None)

@@ -44,3 +44,12 @@ def test_ci_runs_the_readme_test_command() -> None:
     ).stdout.strip()
     assert out == cmd
     assert "README.md" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_ci_checks_the_distributions_before_the_tests() -> None:
+    """.ci/run builds and installs the wheels (.ci/dists.sh) before the README's test command."""
+    run = (ROOT / ".ci" / "run").read_text()
+    assert 0 < run.index("bash .ci/dists.sh") < run.index('bash -euo pipefail -c "$cmd"')
+    dists = (ROOT / ".ci" / "dists.sh").read_text()
+    for step in ("-m build", "--no-index", "plugins --check", "demo --size 16M", "new-plugin"):
+        assert step in dists, step

@@ -1,9 +1,10 @@
-"""The ``multifd`` command: demo, send, recv, qemu-save, qemu-restore, plugins.
+"""The ``multifd`` command: demo, send, recv, qemu-save, qemu-restore, plugins, new-plugin.
 
 ``parser`` reads the command line, ``dispatch`` runs a command, ``output`` prints what it did,
 ``ends`` makes each end of a migration from the options (keywords, connectors, TLS); the
 commands themselves live in ``demo``, ``files`` (send, recv), ``qemu`` (qemu-save,
-qemu-restore) and ``plugins``, each imported only when its command runs.
+qemu-restore), ``plugins`` and ``newplugin`` (new-plugin), each imported only when its command
+runs.
 """
 
 from __future__ import annotations

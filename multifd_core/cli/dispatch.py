@@ -25,9 +25,12 @@ COMMANDS = {
     "qemu-save": "qemu",
     "qemu-restore": "qemu",
     "plugins": "plugins",
+    "new-plugin": "newplugin",
 }
 
-#: ``cmd_plugins`` returns its result, the others are async (run by trio).
+#: These commands' handlers return their result; the others are async (run by trio).
+SYNC_COMMANDS = frozenset({"plugins", "new-plugin"})
+
 Handler = Callable[[argparse.Namespace], Any]
 
 
@@ -40,7 +43,7 @@ def _handler(command: str) -> Handler:
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
     handler = _handler(args.command)
-    if args.command == "plugins":
+    if args.command in SYNC_COMMANDS:
         return cast(dict[str, Any], handler(args))
     if args.channels < 1:
         raise ConfigError("--channels must be at least 1")

@@ -287,5 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plugins", help="list the installed compression methods")
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 when any plugin has a problem (after listing)"
+    )
     _allow_methods(p)
+
+    p = sub.add_parser(
+        "new-plugin", help="write a new compression plugin distribution (a working skeleton)"
+    )
+    p.add_argument("name", metavar="NAME", help="the method's name, a lowercase identifier")
+    p.add_argument(
+        "--value",
+        type=int,
+        required=True,
+        metavar="N",
+        help="its compression value, 0..7, one no installed plugin claims",
+    )
+    p.add_argument("--output", required=True, metavar="DIR", help="a new or empty directory")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser

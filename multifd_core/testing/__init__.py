@@ -7,6 +7,10 @@ conformance kit.
   blocks or their typed errors; :func:`destination_against` for hand-written hostile peers.
 - :mod:`~multifd_core.testing.conformance`: :class:`MethodConformance`, what every compression
   method must do, and :func:`migrate_pair` / :func:`migrate_by_name`.
+- :mod:`~multifd_core.testing.compare`: the kit's verdicts, :func:`check` and
+  :func:`check_same` (``AssertionError`` naming block, page and offset of the first difference).
+- :mod:`~multifd_core.testing.gil`: :func:`check_releases_gil`, whether a threaded method's
+  calls release the GIL.
 - :mod:`~multifd_core.testing.plugin_checks`: :class:`PluginChecks` / :class:`StreamChecks`, the
   checks every installed plugin shares.
 """
@@ -14,13 +18,18 @@ conformance kit.
 from __future__ import annotations
 
 from .. import Accept
+from .compare import check, check_same, difference, first_difference
 from .conformance import (
+    FULL_PACKET,
     MethodConformance,
+    check_bound,
+    check_decoded,
     conformance_classes,
     identity_method,
     migrate_by_name,
     migrate_pair,
 )
+from .gil import check_releases_gil, heartbeat_share
 from .harness import (
     TIMEOUT,
     DestinationRun,
@@ -60,6 +69,7 @@ from .plugin_checks import (
 )
 
 __all__ = [
+    "FULL_PACKET",
     "KINDS",
     "PAGE",
     "TEXT",
@@ -72,12 +82,20 @@ __all__ = [
     "MethodConformance",
     "PluginChecks",
     "StreamChecks",
+    "check",
+    "check_bound",
+    "check_decoded",
+    "check_releases_gil",
+    "check_same",
     "conformance_classes",
     "context_pair",
     "destination_against",
+    "difference",
     "dirty_blocks",
     "expect_refused",
+    "first_difference",
     "guarded_block",
+    "heartbeat_share",
     "identity_method",
     "image_blocks",
     "interleave_two_channels",

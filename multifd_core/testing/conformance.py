@@ -10,15 +10,21 @@ A plugin's own tests subclass :class:`MethodConformance` and say how to make the
 
 pytest then runs every ``test_*`` below against it: round trips of whole migrations through real
 channels (TCP loopback and memory streams) over several rounds, per-channel state independence,
-payload size bounds, bounded decompression (a payload that inflates past the packet's pages),
-truncated, corrupt and over-long payloads, and packets with another method's flags. The tests are
-plain synchronous functions (each runs its own ``trio.run``), so no pytest plugin is needed.
+payload size bounds (a full packet of incompressible pages included), bounded decompression (a
+payload that inflates past the packet's pages), truncated, corrupt and over-long payloads,
+packets with another method's flags, and, for a ``threaded`` method, calls that release the GIL
+(:mod:`~multifd_core.testing.gil`). The tests are plain synchronous functions (each runs its own
+``trio.run``), so no pytest plugin is needed. Each failure is an ``AssertionError`` whose message
+says what was wrong and where (block, page and offset of the first differing byte: see
+:mod:`~multifd_core.testing.compare`), since pytest does not rewrite the asserts of an installed
+package.
 Nothing here knows any particular method. :mod:`multifd_core.testing.plugin_checks` has the
 checks of an installed plugin (registration, stream history, the engine by name).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import tracemalloc
 from collections.abc import Callable, Mapping
@@ -27,12 +33,18 @@ from typing import Any
 import trio
 
 from .. import MultiFDMethod, RAMBlock, RecvContext, SendContext
-from ..errors import CompressionMismatch, DecompressionError, MultiFDError
+from ..errors import CompressionMismatch, DecompressionError, IntegrityError, MultiFDError
 from ..image import vm_like_image
 from ..nocomp import NocompRecv, NocompSend
 from ..stats import MigrationStats
+from .compare import check, check_same
+from .gil import check_releases_gil
 from .harness import run_loopback
 from .pages import PAGE, Guarded, dirty_blocks, join, prepare, sample_pages
+
+#: The pages of a full packet (QEMU's MULTIFD_PACKET_SIZE of 4 KiB pages): the most a payload
+#: carries.
+FULL_PACKET = 128
 
 
 def identity_method(name: str, value: int) -> type[MultiFDMethod]:
@@ -54,6 +66,31 @@ def _other_method(value: int) -> MultiFDMethod:
     return identity_method("conformance-other", 7 if value != 7 else 6)()
 
 
+def check_decoded(out: Guarded, pages: list[bytes], what: str) -> None:
+    """``out`` holds exactly ``pages`` and nothing was written around them, else
+    ``AssertionError`` saying ``what`` and where."""
+    check_same(b"".join(pages), out.contents(), f"{what}: the pages decoded wrong")
+    outside = out.outside_writes()
+    check(outside is None, f"{what}: the receiver wrote outside its pages, at {outside}")
+
+
+def check_bound(method: MultiFDMethod, payload: bytes, npages: int, what: str) -> None:
+    """``payload``, for ``npages`` pages, is within ``method.payload_size``."""
+    raw = npages * PAGE
+    low, high = method.payload_size(raw)
+    check(
+        low <= len(payload) <= high,
+        f"{method.name}: {what}: a payload of {len(payload)} bytes for {npages} pages ({raw} "
+        f"bytes), outside payload_size({raw}) = ({low}, {high})"
+        + (
+            ": the payload_size bound is too small (a receiver refuses such a packet with "
+            "BadPacketSize before reading it); return the compressor's worst case"
+            if len(payload) > high
+            else ""
+        ),
+    )
+
+
 async def migrate_pair(
     src_method: MultiFDMethod,
     dst_method: MultiFDMethod,
@@ -63,10 +100,14 @@ async def migrate_pair(
     rounds: int = 3,
     tcp: bool = True,
     seed: int = 1,
+    integrity: bool = True,
 ) -> tuple[bytes, bytes]:
     """Migrate a VM-like image, changing pages between rounds; return (source, destination).
 
-    Raises the destination's error (else the source's) when the migration fails."""
+    Raises the destination's error (else the source's) when the migration fails. With
+    ``integrity`` (the default, as users run it) the packets carry checksums, and a method that
+    writes pages wrong fails there with IntegrityError; without, the caller compares the images
+    itself (and can name the page and offset)."""
     block = RAMBlock("pc.ram", vm_like_image(size, PAGE, seed))
     rng = random.Random(seed)
     run = await run_loopback(
@@ -74,7 +115,7 @@ async def migrate_pair(
         transport="tcp" if tcp else "memory",
         rounds=rounds,
         between_rounds=lambda r, _: dirty_blocks([block], 64, rng, r),
-        source={"channels": channels, "method": src_method},
+        source={"channels": channels, "method": src_method, "integrity": integrity},
         destination={"channels": channels, "method": dst_method},
         timeout=120,
     )
@@ -104,9 +145,11 @@ async def migrate_by_name(
         source={"channels": channels, "method": method, "method_options": method_options},
         destination={"channels": channels, "method": method},
     )
-    assert run.src_stats is not None and run.dst_stats is not None
+    src_stats, dst_stats = run.src_stats, run.dst_stats
+    if src_stats is None or dst_stats is None:
+        raise AssertionError("a migration ended without the stats of both ends")
     image = run.dst_blocks["pc.ram"].host.tobytes()
-    return bytes(block.memory), image, run.src_stats, run.dst_stats
+    return bytes(block.memory), image, src_stats, dst_stats
 
 
 class MethodConformance:
@@ -118,18 +161,31 @@ class MethodConformance:
     # --- whole migrations -------------------------------------------------------------------
 
     def test_migration_round_trip_tcp(self) -> None:
-        src, dst = trio.run(
-            lambda: migrate_pair(self.make_method(), self.make_method(), channels=2)
-        )
-        assert src == dst
+        try:
+            src, dst = trio.run(
+                lambda: migrate_pair(self.make_method(), self.make_method(), channels=2)
+            )
+        except IntegrityError as exc:
+            raise AssertionError(
+                f"the method wrote pages that differ from those sent: {exc}"
+            ) from exc
+        check_same(src, dst, "the destination differs from the source", block="pc.ram")
 
     def test_migration_round_trip_memory_streams_many_channels(self) -> None:
+        # without packet checksums, so that a page decoded wrong is named with its offset here
+        # (the TCP round trip runs with them, as users do)
         src, dst = trio.run(
             lambda: migrate_pair(
-                self.make_method(), self.make_method(), channels=5, tcp=False, rounds=4, seed=3
+                self.make_method(),
+                self.make_method(),
+                channels=5,
+                tcp=False,
+                rounds=4,
+                seed=3,
+                integrity=False,
             )
         )
-        assert src == dst
+        check_same(src, dst, "the destination differs from the source", block="pc.ram")
 
     def test_packets_with_other_flags_are_refused(self) -> None:
         method = self.make_method()
@@ -140,7 +196,7 @@ class MethodConformance:
         try:
             trio.run(run)
         except CompressionMismatch as exc:
-            assert f"negotiated {method.value}" in str(exc)
+            check(f"negotiated {method.value}" in str(exc), f"{exc} does not name the value")
         except MultiFDError as exc:  # pragma: no cover - reported as a failure below
             raise AssertionError(f"expected CompressionMismatch, got {exc!r}") from exc
         else:
@@ -155,12 +211,10 @@ class MethodConformance:
             for n, seed in ((1, 1), (128, 2), (7, 3), (128, 4), (64, 5), (3, 6)):
                 pages = sample_pages(n, seed)
                 payload = prepare(tx, pages)
-                low, high = method.payload_size(n * PAGE)
-                assert low <= len(payload) <= high, (len(payload), low, high)
+                check_bound(method, payload, n, f"packet of seed {seed}")
                 out = Guarded(n)
                 rx.recv_pages(memoryview(payload), out.pages)
-                assert out.contents() == b"".join(pages)
-                assert out.guards_intact()
+                check_decoded(out, pages, f"packet of {n} pages (seed {seed})")
         finally:
             tx.send_cleanup()
             rx.recv_cleanup()
@@ -176,7 +230,7 @@ class MethodConformance:
                 payload = prepare(txs[ch], pages)
                 out = Guarded(len(pages))
                 rxs[ch].recv_pages(memoryview(payload), out.pages)
-                assert out.contents() == b"".join(pages), f"step {step} channel {ch}"
+                check_decoded(out, pages, f"step {step}, channel {ch}")
         finally:
             for tx in txs:
                 tx.send_cleanup()
@@ -195,7 +249,35 @@ class MethodConformance:
         out = Guarded(12)
         whole = memoryview(out.buf)[Guarded.GUARD : Guarded.GUARD + 12 * PAGE]
         rx.recv_pages(memoryview(payload), [whole[: 3 * PAGE], whole[3 * PAGE :]])
-        assert out.contents() == blob and out.guards_intact()
+        check_decoded(out, [blob], "pages given as runs")
+
+    def test_full_packet_of_incompressible_pages_fits_its_bound(self) -> None:
+        """A full packet of random pages (os.urandom: what no compressor shrinks) and a single
+        one: each payload within ``payload_size``, each decoded back."""
+        method = self.make_method()
+        tx, rx = method.send_setup(0), method.recv_setup(0)
+        try:
+            for n in (FULL_PACKET, 1):
+                pages = [os.urandom(PAGE) for _ in range(n)]
+                payload = prepare(tx, pages)
+                check_bound(method, payload, n, f"{n} incompressible pages")
+                out = Guarded(n)
+                rx.recv_pages(memoryview(payload), out.pages)
+                check_decoded(out, pages, f"{n} incompressible pages")
+        finally:
+            tx.send_cleanup()
+            rx.recv_cleanup()
+
+    def test_threaded_calls_release_the_gil(self) -> None:
+        """``threaded = True`` promises calls that release the GIL: see
+        :mod:`multifd_core.testing.gil` for how it is measured."""
+        method = self.make_method()
+        if not method.threaded or method.raw_payload:
+            import pytest  # only a test runner gets here
+
+            why = "its payload is its pages" if method.raw_payload else "threaded = False"
+            pytest.skip(f"{method.name} runs no codec in worker threads ({why})")
+        check_releases_gil(method)
 
     # --- hostile payloads ----------------------------------------------------------------
 
@@ -207,10 +289,13 @@ class MethodConformance:
         except DecompressionError:
             pass
         else:
-            raise AssertionError(f"a bad payload of {len(payload)} bytes was accepted")
+            raise AssertionError(
+                f"a bad payload of {len(payload)} bytes for {npages} pages was accepted"
+            )
         finally:
             rx.recv_cleanup()
-        assert out.guards_intact(), "the receiver wrote outside its pages"
+        outside = out.outside_writes()
+        check(outside is None, f"the receiver wrote outside its pages, at {outside}")
 
     def test_payload_longer_than_declared_pages(self) -> None:
         """A payload holding 16 pages, declared as 2: refused, nothing written outside."""
@@ -230,7 +315,8 @@ class MethodConformance:
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-        assert peak < len(payload) + 4 * (1 << 20), f"peak {peak} bytes decoding a bomb"
+        limit = len(payload) + 4 * (1 << 20)
+        check(peak < limit, f"decoding a bomb took {peak} bytes of memory at its peak (> {limit})")
 
     def test_truncated_payloads(self) -> None:
         method = self.make_method()
@@ -270,7 +356,8 @@ class MethodConformance:
                 pass
             finally:
                 rx.recv_cleanup()
-            assert out.guards_intact()
+            outside = out.outside_writes()
+            check(outside is None, f"a corrupt payload was written outside its pages, at {outside}")
 
     def test_empty_payload_is_refused(self) -> None:
         self._expect_refused(b"", 1)

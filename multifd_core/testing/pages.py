@@ -83,7 +83,8 @@ def page_views(buf: bytearray, runs: Sequence[int]) -> list[memoryview]:
     for count in runs:
         out.append(mv[at : at + count * PAGE])
         at += count * PAGE
-    assert at == len(buf)
+    if at != len(buf):
+        raise ValueError(f"runs of {sum(runs)} pages do not cover a buffer of {len(buf)} bytes")
     return out
 
 
@@ -141,8 +142,19 @@ class Guarded:
 
     def guards_intact(self) -> bool:
         """Whether nothing was written outside the pages."""
+        return self.outside_writes() is None
+
+    def outside_writes(self) -> str | None:
+        """Where the first byte written outside the pages is, if any (None: nothing was)."""
         g = self.guard
-        return self.buf[:g] == self.FILL * g and self.buf[g + self.size :] == self.FILL * g
+        before, after = bytes(self.buf[:g]), bytes(self.buf[g + self.size :])
+        written = len(before.rstrip(self.FILL))  # one past the written byte nearest the pages
+        if written:
+            return f"offset {written - 1 - g} (before the first page)"
+        untouched = len(after) - len(after.lstrip(self.FILL))
+        if untouched < g:
+            return f"offset {self.size + untouched} (past the last page's end, {self.size})"
+        return None
 
 
 def guarded_block(name: str, size: int, page_size: int = PAGE) -> tuple[RAMBlock, Guarded]:

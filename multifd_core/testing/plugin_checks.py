@@ -31,6 +31,7 @@ import trio
 
 from .. import MultiFDMethod, RecvContext, SendContext, load_methods
 from ..errors import DecompressionError
+from .compare import check, check_same
 from .conformance import migrate_by_name
 from .pages import PAGE, TEXT, mixed_pages, prepare_payload, random_runs, receive_payload
 
@@ -41,7 +42,11 @@ R = TypeVar("R", bound=RecvContext)
 def context_pair(method: MultiFDMethod, send_type: type[S], recv_type: type[R]) -> tuple[S, R]:
     """Channel 0's send and receive contexts of ``method``, checked to be of the given types."""
     send, recv = method.send_setup(0), method.recv_setup(0)
-    assert isinstance(send, send_type) and isinstance(recv, recv_type), (send, recv)
+    if not (isinstance(send, send_type) and isinstance(recv, recv_type)):
+        raise AssertionError(
+            f"{method.name}'s contexts are {type(send).__name__} and {type(recv).__name__}, "
+            f"expected {send_type.__name__} and {recv_type.__name__}"
+        )
     return send, recv
 
 
@@ -51,9 +56,11 @@ def expect_refused(recv: RecvContext, payload: bytes, npages: int, match: str = 
     try:
         receive_payload(recv, payload, npages)
     except DecompressionError as exc:
-        assert re.search(match, str(exc)), f"{exc!s} does not match {match!r}"
+        check(re.search(match, str(exc)), f"the error {exc!s} does not match {match!r}")
     else:
-        raise AssertionError(f"a bad payload of {len(payload)} bytes was accepted")
+        raise AssertionError(
+            f"a bad payload of {len(payload)} bytes for {npages} pages was accepted"
+        )
 
 
 def round_trips(send: SendContext, recv: RecvContext, packets: int, history: bool) -> None:
@@ -70,7 +77,8 @@ def round_trips(send: SendContext, recv: RecvContext, packets: int, history: boo
                 pages[: min(n, 4)] = rng.sample(seen, min(n, 4, len(seen)))
             seen.extend(pages)
         payload = prepare_payload(send, pages, random_runs(n, rng))
-        assert receive_payload(recv, payload, n, random_runs(n, rng)) == b"".join(pages)
+        got = receive_payload(recv, payload, n, random_runs(n, rng))
+        check_same(b"".join(pages), got, f"packet {i} of {n} pages decoded wrong")
 
 
 def interleave_two_channels(method: MultiFDMethod) -> list[tuple[bytes, list[bytes]]]:
@@ -84,7 +92,8 @@ def interleave_two_channels(method: MultiFDMethod) -> list[tuple[bytes, list[byt
             pages = mixed_pages(16, 1000 * ch + i)
             payload = prepare_payload(sends[ch], pages)
             sent.append((payload, pages))
-            assert receive_payload(recvs[ch], payload, 16) == b"".join(pages)
+            got = receive_payload(recvs[ch], payload, 16)
+            check_same(b"".join(pages), got, f"packet {i} of channel {ch} decoded wrong")
     return sent
 
 
@@ -117,11 +126,19 @@ class PluginChecks:
         registry = load_methods()
         info = registry.get(self.name)
         cls = type(self.make_method())
-        assert info.value == self.value and info.cls is cls
-        assert info.distribution.startswith(self.distribution + " ")
-        assert registry.get(self.value) is info
-        assert cls.threaded is self.threaded and cls.raw_payload is self.raw_payload
-        assert self.make_method().flags == self.value << 1
+        found = f"{self.name!r} is registered as value {info.value}, {info.cls.__name__}"
+        check(info.value == self.value, f"{found}, not value {self.value}")
+        check(info.cls is cls, f"{found}, not {cls.__module__}.{cls.__qualname__}")
+        check(
+            info.distribution.startswith(self.distribution + " "),
+            f"{self.name!r} comes from {info.distribution}, not {self.distribution}",
+        )
+        check(registry.get(self.value) is info, f"value {self.value} is not {self.name!r}")
+        for attr in ("threaded", "raw_payload"):
+            want, got = getattr(self, attr), getattr(cls, attr)
+            check(got is want, f"{cls.__name__}.{attr} is {got}, the checks expect {want}")
+        flags = self.make_method().flags
+        check(flags == self.value << 1, f"flags {flags:#x}, expected {self.value << 1:#x}")
 
     def test_zero_random_text_pages(self) -> None:
         send, recv = self.pair()
@@ -132,8 +149,13 @@ class PluginChecks:
             [TEXT[i * 10 : i * 10 + PAGE] for i in range(128)],
         ):
             payload = prepare_payload(send, pages)
-            assert receive_payload(recv, payload, len(pages)) == b"".join(pages)
-        assert len(prepare_payload(send, [bytes(PAGE)] * 128)) < self.zero_payload_limit
+            got = receive_payload(recv, payload, len(pages))
+            check_same(b"".join(pages), got, "128 zero, random or text pages decoded wrong")
+        zero = len(prepare_payload(send, [bytes(PAGE)] * 128))
+        check(
+            zero < self.zero_payload_limit,
+            f"128 zero pages made a payload of {zero} bytes, not under {self.zero_payload_limit}",
+        )
 
     def test_two_channels_interleaved(self) -> None:
         interleave_two_channels(self.make_method())
@@ -153,9 +175,15 @@ class PluginChecks:
         sent, received, src, dst = trio.run(
             lambda: migrate_by_name(self.name, self.engine_options, channels=channels)
         )
-        assert received == sent
-        assert src.normal_pages == dst.normal_pages > 0
-        assert dst.payload_bytes < dst.normal_pages * PAGE
+        check_same(sent, received, "the destination differs from the source", block="pc.ram")
+        check(
+            src.normal_pages == dst.normal_pages > 0,
+            f"normal pages: {src.normal_pages} sent, {dst.normal_pages} received",
+        )
+        check(
+            dst.payload_bytes < dst.normal_pages * PAGE,
+            f"{dst.payload_bytes} payload bytes for {dst.normal_pages} pages: nothing compressed",
+        )
 
     def test_migration_through_the_engine_1_channel(self) -> None:
         self._through_the_engine(1)
@@ -180,8 +208,9 @@ class StreamChecks(PluginChecks):
         first = prepare_payload(send, pages)
         second = prepare_payload(send, pages)  # refers back to the first packet's bytes
         expect_refused(self.pair()[1], second, 32, self.own_stream_match)
-        assert receive_payload(recv, first, 32) == b"".join(pages)
-        assert receive_payload(recv, second, 32) == b"".join(pages)
+        for n, payload in enumerate((first, second)):
+            got = receive_payload(recv, payload, 32)
+            check_same(b"".join(pages), got, f"packet {n} of the stream decoded wrong")
 
     def test_stream_stays_broken_after_error(self) -> None:
         send, recv = self.pair()

@@ -28,6 +28,8 @@ from multifd_core.errors import ConfigError, DecompressionError
 __all__ = ["Bz2Method", "Bz2Recv", "Bz2Send", "compress_bound", "multifd_methods"]
 
 __version__ = "0.1.0"
+#: The multifd hook API this plugin was written for (multifd_core.MULTIFD_HOOK_API).
+MULTIFD_HOOK_API = 1
 
 #: bz2's block size of 100 KB. On 512 KiB packets level 9 (bz2's own default) compresses VM-like
 #: pages only ~2 % smaller, at about the same speed, for three times the compressor memory

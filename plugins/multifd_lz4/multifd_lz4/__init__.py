@@ -26,6 +26,8 @@ from multifd_core.methods import int_option, scatter
 __all__ = ["Lz4Method", "Lz4Recv", "Lz4Send", "compress_bound", "multifd_methods"]
 
 __version__ = "0.1.0"
+#: The multifd hook API this plugin was written for (multifd_core.MULTIFD_HOOK_API).
+MULTIFD_HOOK_API = 1
 
 #: LZ4_ACCELERATION_MAX.
 MAX_ACCELERATION = 65537

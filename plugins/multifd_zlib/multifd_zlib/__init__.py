@@ -26,6 +26,8 @@ from multifd_core.methods import StreamRecv, StreamSend, int_option, scatter
 __all__ = ["ZlibMethod", "ZlibRecv", "ZlibSend", "multifd_methods"]
 
 __version__ = "0.1.0"
+#: The multifd hook API this plugin was written for (multifd_core.MULTIFD_HOOK_API).
+MULTIFD_HOOK_API = 1
 
 #: QEMU's default ``multifd-zlib-level``.
 DEFAULT_LEVEL = 1

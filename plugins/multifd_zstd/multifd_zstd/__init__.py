@@ -31,6 +31,8 @@ from multifd_core.methods import StreamRecv, StreamSend, int_option
 __all__ = ["ZstdMethod", "ZstdRecv", "ZstdSend", "multifd_methods"]
 
 __version__ = "0.1.0"
+#: The multifd hook API this plugin was written for (multifd_core.MULTIFD_HOOK_API).
+MULTIFD_HOOK_API = 1
 
 #: QEMU's default ``multifd-zstd-level``.
 DEFAULT_LEVEL = 1
