@@ -83,14 +83,19 @@ def run(*args: str, timeout: float = TIMEOUT, env: Mapping[str, str] | None = No
         return finish(proc, timeout)
 
 
-def run_on_tty(*args: str, timeout: float = TIMEOUT, columns: int = 100) -> Result:
-    """Run ``multifd ARGS`` with its stderr on a pseudo-terminal ``columns`` wide (as in a
-    terminal window; stdout a pipe); ``err`` is all it wrote to the terminal."""
+def run_on_tty(
+    *args: str, timeout: float = TIMEOUT, columns: int = 100, stream: str = "stderr"
+) -> Result:
+    """Run ``multifd ARGS`` with its ``stream`` ("stderr" or "stdout") on a pseudo-terminal
+    ``columns`` wide (as in a terminal window), the other one a pipe (for a command that
+    prints little there); that stream's field of the result is all it wrote to the terminal."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, columns, 0, 0))
+    pipe = subprocess.PIPE
+    outputs = (slave, pipe) if stream == "stdout" else (pipe, slave)
     try:
         proc = subprocess.Popen(
-            [*MULTIFD, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave
+            [*MULTIFD, *args], stdin=subprocess.DEVNULL, stdout=outputs[0], stderr=outputs[1]
         )
     finally:
         os.close(slave)
@@ -111,15 +116,17 @@ def run_on_tty(*args: str, timeout: float = TIMEOUT, columns: int = 100) -> Resu
                     chunks.append(data)
                 else:
                     pytest.fail(f"multifd {' '.join(args)} still running after {timeout} s")
-                assert proc.stdout is not None
-                out = proc.stdout.read()  # the terminal closed: the process is exiting
+                piped = proc.stderr if stream == "stdout" else proc.stdout
+                assert piped is not None
+                other = piped.read().decode()  # the terminal closed: the process is exiting
                 rc = proc.wait(timeout)
             finally:
                 if proc.poll() is None:
                     os.kill(proc.pid, signal.SIGKILL)
     finally:
         os.close(master)
-    return Result(rc, out.decode(), b"".join(chunks).decode())
+    shown = b"".join(chunks).decode()
+    return Result(rc, shown, other) if stream == "stdout" else Result(rc, other, shown)
 
 
 def one_line_error(res: Any, command: str) -> str:
