@@ -99,18 +99,23 @@ async def test_one_round_moves_packet_by_packet(zero_pages: str) -> None:
 
 
 async def test_zero_pages_count_as_their_records_go() -> None:
-    """Zero pages sent as main-stream records (QEMU 7.2's way) count too: the round ends at
-    1.0 with every page, zero or not, and the destination counts the same pages."""
-    block = image_blocks(8 << 20)[0]  # VM-like: zero, random, text pages
-    run = await run_loopback([block], source={"channels": 2}, destination={"channels": 2})
+    """Two blocks of zero, random and text pages, their zero pages sent as main-stream records
+    (QEMU 7.2's way): the round's plan is both blocks' pages from its start, and the round ends
+    at 1.0 with every page, zero or not; the destination counts the same pages."""
+    blocks = image_blocks({"pc.ram": 8 << 20, "pc.bios": 1 << 20})  # VM-like pages
+    npages = sum(b.npages for b in blocks)
+    poll = Poll()
+    run = await run_loopback(
+        blocks, on_open=poll.start, source={"channels": 2}, destination={"channels": 2}
+    )
     stats = run.src_stats
     assert stats is not None and stats.zero_record_pages > 0
+    check_rounds(poll.src)
+    assert {p.round_pages for p in poll.src if p.round} == {npages}
     assert run.source is not None and run.dst.destination is not None
     src, dst = run.source.progress(), run.dst.destination.progress()
-    assert (
-        src.pages == src.round_pages_done == block.npages == stats.normal_pages + stats.zero_pages
-    )
-    assert (dst.pages, dst.round_pages_done, dst.fraction) == (block.npages, block.npages, 1.0)
+    assert src.pages == src.round_pages_done == npages == stats.normal_pages + stats.zero_pages
+    assert (dst.pages, dst.round_pages_done, dst.fraction) == (npages, npages, 1.0)
 
 
 async def test_rounds_add_up() -> None:
@@ -174,6 +179,10 @@ async def test_rounds_add_up() -> None:
     # the destination: the same rounds and pages; its fraction is of the RAM, capped
     dst = run.dst.destination.progress()
     assert (dst.rounds_done, dst.round, dst.pages) == (3, 3, total.pages)
+    dstats = run.dst_stats
+    assert dstats is not None and (dst.status, dst.rounds_done) == ("completed", dstats.rounds)
+    assert dst.pages == dstats.normal_pages + dstats.zero_pages + dstats.inline_pages
+    assert (dst.wire_bytes, dst.total_bytes) == (dstats.wire_bytes, dstats.total_bytes)
     assert dst.round_pages_done == plans[-1]  # the last round's pages
     fractions = [p.fraction for p in poll.dst]
     assert fractions == sorted(fractions) and max(fractions) == 1.0
