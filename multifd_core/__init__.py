@@ -12,7 +12,7 @@ from .options import DestinationOptions, SourceOptions
 from .ram import RAMBlock
 from .registry import MethodInfo, MethodRegistry, load_methods
 from .source import Source, migrate, open_source
-from .stats import MigrationStats
+from .stats import MigrationStats, Progress
 from .tls import TLSAcceptor, client_context, server_context, tls_acceptor, tls_connector
 from .transport import (
     Acceptor,
@@ -48,6 +48,7 @@ __all__ = [
     "MultiFDError",
     "MultiFDMethod",
     "PageBitmap",
+    "Progress",
     "RAMBlock",
     "RecvContext",
     "SendContext",

@@ -33,7 +33,7 @@ from .handshake import Handshake, MainChannel, MultiFDChannel
 from .options import DestinationOptions
 from .ram import RAMBlock
 from .recv import MultiFDRecvChannel, MultiFDRecvState
-from .stats import MigrationStats
+from .stats import MigrationStats, Progress
 from .transport import ChannelIO
 from .watchdog import deadline_watch, watchdog
 from .wire import MULTIFD_EXT_PACKET_CHECKSUM, PacketRules, pages_per_packet
@@ -120,6 +120,12 @@ class Destination:
     def source_uuid(self) -> bytes | None:
         """The uuid the source's channels carry (known after the first channel's handshake)."""
         return self.handshakes.source_uuid
+
+    def progress(self) -> Progress:
+        """Where the migration is: pages received (packet by packet) in this round and in all,
+        against the RAM announced (a snapshot; see :class:`Progress` for what the destination
+        can know of the source's plan)."""
+        return self.stats.progress()
 
     async def wait(self) -> MigrationStats:
         """Wait until the migration has completed (every page landed); returns the stats.

@@ -49,7 +49,8 @@ class RAMBlock:
 
     - the dirty bitmap (``mark_dirty``, taken by ``sync_dirty_bitmap``) is made at the first
       mark: a destination never has one. A source holds one more while a round sends the one
-      it took (the pages marked meanwhile go to the next round);
+      it took (a round takes every block's at its start; the pages marked meanwhile go to the
+      next round);
     - ``written`` (a ``known_zero`` block only, kept by landing.py on a destination) tells which
       pages were written, so that a zero record for any other page costs nothing.
 

@@ -19,6 +19,7 @@ from . import dialect as _dialect
 from . import integrity, scan
 from . import mainstream as ms
 from . import returnpath as rp
+from .bitmap import PageBitmap
 from .boundary import library_errors
 from .errors import (
     ChannelError,
@@ -32,7 +33,7 @@ from .methods import MultiFDMethod
 from .options import SourceOptions
 from .ram import RAMBlock
 from .send import MultiFDSendChannel, MultiFDSendState
-from .stats import MigrationStats
+from .stats import MigrationStats, Progress
 from .transport import ChannelIO, Connector
 from .watchdog import deadline_watch, watchdog
 from .wire import MULTIFD_EXT_PACKET_CHECKSUM, MultiFDInit, pages_per_packet, uuid_bytes
@@ -169,6 +170,11 @@ class Source:
     async def _flush_main(self) -> None:
         await self._send_main(self.writer.take())
 
+    def progress(self) -> Progress:
+        """Where the migration is: the round in progress, its plan and the pages sent of it
+        (packet by packet), the totals across rounds (a snapshot; see :class:`Progress`)."""
+        return self.stats.progress()
+
     def dirty_pages(self) -> int:
         """Pages marked dirty and not yet sent."""
         return sum(b.dirty_count() for b in self.blocks)
@@ -284,14 +290,13 @@ class Source:
         ps = block.page_size
         nursery.start_soon(trio.to_thread.run_sync, block.release, pages[0] * ps, pages[1] * ps)
 
-    async def _send_block(self, block: RAMBlock) -> int:
-        """Queue the dirty pages of ``block`` in packets, its zero pages as the dialect says
-        (zero records on the main channel, the packets' zero-page list, or normal pages).
-        Returns the number of pages."""
+    async def _send_block(self, block: RAMBlock, bitmap: PageBitmap) -> int:
+        """Queue the pages of ``block`` dirty in ``bitmap`` in packets, its zero pages as the
+        dialect says (zero records on the main channel, the packets' zero-page list, or normal
+        pages). Returns the number of pages."""
         state = self.state
         assert state is not None
         await state.set_block(block)  # QEMU cuts a packet when the block changes
-        bitmap = block.sync_dirty_bitmap()
         ps = block.page_size
         detect = self.dialect.detect_zero
         sent = 0
@@ -335,11 +340,15 @@ class Source:
             w.section_part()
         sent = 0
         digests: dict[str, str] = {}
+        # every block's dirty pages, taken at once (QEMU's migration_bitmap_sync): the round's
+        # plan, known before its first page (Progress); pages dirtied meanwhile go next round
+        bitmaps = [b.sync_dirty_bitmap() for b in self.blocks]
+        self.stats.round_start(sum(bitmap.count() for bitmap in bitmaps))
         async with trio.open_nursery() as digesting:
             if last and self.options.verify:  # the content is final: digest it beside the sends
                 digesting.start_soon(self._digest, digests)
-            for block in self.blocks:
-                sent += await self._send_block(block)
+            for block, bitmap in zip(self.blocks, bitmaps, strict=True):
+                sent += await self._send_block(block, bitmap)
             await self._sync()
         w.eos()
         device_state = self.options.device_state

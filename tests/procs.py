@@ -1,14 +1,20 @@
 """Running the ``multifd`` command in tests: start it, bound it, kill it by pid, read its ready
-file. Shared by the CLI tests (test_cli, test_tls, test_netns)."""
+file, or run it on a pseudo-terminal. Shared by the CLI tests (test_cli, test_tls, test_netns,
+test_progress_bar)."""
 
 from __future__ import annotations
 
 import ast
+import fcntl
 import os
+import pty
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -75,6 +81,52 @@ def run(*args: str, timeout: float = TIMEOUT, env: Mapping[str, str] | None = No
     """Run ``multifd ARGS`` to its end (at most ``timeout`` s)."""
     with spawn(*args, env=env) as proc:
         return finish(proc, timeout)
+
+
+def run_on_tty(
+    *args: str, timeout: float = TIMEOUT, columns: int = 100, stream: str = "stderr"
+) -> Result:
+    """Run ``multifd ARGS`` with its ``stream`` ("stderr" or "stdout") on a pseudo-terminal
+    ``columns`` wide (as in a terminal window), the other one a pipe (for a command that
+    prints little there); that stream's field of the result is all it wrote to the terminal."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, columns, 0, 0))
+    pipe = subprocess.PIPE
+    outputs = (slave, pipe) if stream == "stdout" else (pipe, slave)
+    try:
+        proc = subprocess.Popen(
+            [*MULTIFD, *args], stdin=subprocess.DEVNULL, stdout=outputs[0], stderr=outputs[1]
+        )
+    finally:
+        os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        with proc:
+            try:
+                while time.monotonic() < deadline:
+                    if not select.select([master], [], [], deadline - time.monotonic())[0]:
+                        continue
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:  # EIO: the terminal's last writer closed it
+                        break
+                    if not data:
+                        break
+                    chunks.append(data)
+                else:
+                    pytest.fail(f"multifd {' '.join(args)} still running after {timeout} s")
+                piped = proc.stderr if stream == "stdout" else proc.stdout
+                assert piped is not None
+                other = piped.read().decode()  # the terminal closed: the process is exiting
+                rc = proc.wait(timeout)
+            finally:
+                if proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        os.close(master)
+    shown = b"".join(chunks).decode()
+    return Result(rc, shown, other) if stream == "stdout" else Result(rc, other, shown)
 
 
 def one_line_error(res: Any, command: str) -> str:

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from procs import finish, one_line_error, receiver, run, spawn, warnings_then_error
+from procs import (
+    finish,
+    one_line_error,
+    receiver,
+    run,
+    run_on_tty,
+    spawn,
+    warnings_then_error,
+)
 
 from multifd_core.testing import random_files
 
@@ -309,6 +317,20 @@ def test_plugins_plain() -> None:
     assert any(
         re.match(r"0\s+flags 0x00\s+none\s+multifd-core", line) for line in res.out.splitlines()
     ), res.out
+
+
+def test_plugins_table_on_a_terminal() -> None:
+    """stdout a terminal: a table of the same methods, a row each, within its width."""
+    res = run_on_tty("plugins", stream="stdout", columns=100)
+    assert res.rc == 0, res.err
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", res.out)  # its bold header
+    lines = text.splitlines()
+    assert any(re.search(r"value\W+flags\W+name\W+aliases\W+distribution", x) for x in lines)
+    assert any(re.search(r"\b0\W+0x00\W+none\W+nocomp\W+multifd-core", x) for x in lines), text
+    assert max(len(x) for x in lines) <= 100
+    assert len(json.loads(run("plugins", "--json").out)["methods"]) == sum(
+        bool(re.match(r"│ \d+ ", x)) for x in lines
+    )
 
 
 # --- errors -------------------------------------------------------------------------------

@@ -27,6 +27,20 @@ def test_embedding_example_runs() -> None:
     assert re.search(r"received \d+ pages, \d+ zero", proc.stdout)
 
 
+def test_progress_example_runs() -> None:
+    code = block_after("progress-example", "python")
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    *shown, last = proc.stdout.splitlines()
+    assert last == f"completed: 2 rounds, {8192 + 256} pages, 100%", proc.stdout
+    assert shown, proc.stdout
+    for line in shown:  # each round's own plan, never past 100 %
+        m = re.fullmatch(r"round (0|1|2): (\d+\.\d)% of (0|8192|256) pages", line)
+        assert m and float(m.group(2)) <= 100.0, line
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     cmd = block_after("test-command", "bash").strip()
     assert cmd.endswith("pytest"), cmd

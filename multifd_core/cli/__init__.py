@@ -1,20 +1,21 @@
 """The ``multifd`` command: demo, send, recv, qemu-save, qemu-restore, plugins, new-plugin.
 
 ``parser`` reads the command line, ``dispatch`` runs a command, ``output`` prints what it did,
-``ends`` makes each end of a migration from the options (keywords, connectors, TLS); the
-commands themselves live in ``demo``, ``files`` (send, recv), ``qemu`` (qemu-save,
-qemu-restore), ``plugins`` and ``newplugin`` (new-plugin), each imported only when its command
-runs.
+``bar`` draws the progress bar, ``ends`` makes each end of a migration from the options
+(keywords, connectors, TLS); the commands themselves live in ``demo``, ``files`` (send,
+recv), ``qemu`` (qemu-save, qemu-restore), ``plugins`` and ``newplugin`` (new-plugin), each
+imported only when its command runs.
 """
 
 from __future__ import annotations
 
+from .bar import ProgressBar
 from .dispatch import main
-from .output import Progress, human
+from .output import human
 from .parser import build_parser, parse_address, parse_options, parse_size, parse_timeout
 
 __all__ = [
-    "Progress",
+    "ProgressBar",
     "build_parser",
     "human",
     "main",

@@ -16,8 +16,9 @@ from ..errors import ConfigError, IncompleteMigration
 from ..image import dirty_some_pages, vm_like_image
 from ..ram import RAMBlock
 from ..transport import tcp_connector
+from .bar import ProgressBar
 from .ends import acceptor, destination_options, source_options
-from .output import Progress, human, summary
+from .output import human, summary
 
 
 def _blocks_equal(a: memoryview, b: memoryview) -> bool:
@@ -42,11 +43,10 @@ async def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     ]
     gen_seconds = time.monotonic() - t0
     src_options, dst_options = source_options(args), destination_options(args)
-    progress = Progress(args.progress, "migrating")
+    progress = ProgressBar(args.progress, "migrating")
     rng = random.Random(args.seed)
     accept = await acceptor(("tcp", ("127.0.0.1", 0)))
     result: dict[str, Any] = {}
-    planned = [sum(b.npages for b in src_blocks)]
     async with accept, trio.open_nursery() as nursery:
 
         async def destination() -> None:
@@ -58,7 +58,7 @@ async def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         async with open_source(
             src_blocks, tcp_connector("127.0.0.1", accept.port), src_options
         ) as src:
-            async with progress.running(src.stats, planned):
+            async with progress.running(src):
                 for r in range(args.rounds - 1):
                     await src.send_round()
                     # the "guest" keeps writing: about 2 % of the pages change per round
@@ -66,9 +66,7 @@ async def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
                     count = max(1, ram.npages // 50)
                     for off in dirty_some_pages(ram.memory, page_size, count, rng, r + 1):
                         ram.mark_dirty(off)
-                    planned[0] += ram.dirty_count()
                 await src.complete()
-            progress.finish(src.stats, planned[0])
     dst = result["dst"]
     t1 = time.monotonic()
     verified = all(_blocks_equal(b.host, dst.blocks[b.name].host) for b in src_blocks)

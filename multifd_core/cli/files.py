@@ -10,6 +10,7 @@ from .. import open_destination, open_source
 from ..errors import ConfigError
 from ..files import MANIFEST, FileBlock, ReceivedFiles, block_name_for, files_description
 from ..options import RECV_DEFAULTS
+from .bar import ProgressBar
 from .ends import (
     connector,
     destination_options,
@@ -18,7 +19,7 @@ from .ends import (
     with_tls,
     write_ready_file,
 )
-from .output import Progress, summary
+from .output import summary
 
 
 async def cmd_send(args: argparse.Namespace) -> dict[str, Any]:
@@ -29,16 +30,14 @@ async def cmd_send(args: argparse.Namespace) -> dict[str, Any]:
         names = [b.name for b in blocks]
         if len(set(names)) != len(names):
             raise ConfigError(f"two files with the same name: {names}")
-        progress = Progress(args.progress, "sending")
-        planned = [sum(b.npages for b in blocks)]
+        progress = ProgressBar(args.progress, "sending")
         connect = with_tls(args, connector(args.connect))
         options = source_options(args)
         async with (
             open_source(blocks, connect, options, description=files_description(blocks)) as src,
-            progress.running(src.stats, planned),
+            progress.running(src),
         ):
             stats = await src.complete()
-        progress.finish(stats, planned[0])
     finally:
         for b in blocks:
             b.close()
@@ -61,7 +60,8 @@ async def cmd_recv(args: argparse.Namespace) -> dict[str, Any]:
                 destination_options(args, RECV_DEFAULTS),
                 block_factory=received.block_factory,
             ) as dst:
-                stats = await dst.wait()
+                async with ProgressBar(args.progress, "receiving").running(dst):
+                    stats = await dst.wait()
                 # in the block: a failure to check or rename still fails the source (its SHUT)
                 received.commit(dst.vmdesc)
         ok = True

@@ -1,4 +1,4 @@
-"""What the commands print: the human summary, ``--json``, the progress bar, errors.
+"""What the commands print: the human summary, ``--json``, errors (the progress bar: ``bar``).
 
 Text from the peer (block and file names, the machine type, error messages quoting its bytes)
 reaches the terminal only through :func:`shown`: one error is one line, and a peer cannot move
@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
-
-import trio
 
 from ..errors import MultiFDError
 from ..stats import MigrationStats
@@ -37,53 +35,6 @@ def human(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return str(n)
-
-
-class Progress:
-    """A one-line progress bar on stderr (only when stderr is a terminal, or forced)."""
-
-    def __init__(self, enabled: bool, label: str) -> None:
-        self.enabled = enabled
-        self.label = shown(label)
-        self.shown = False
-
-    def show(self, stats: MigrationStats, planned: int) -> None:
-        if not self.enabled:
-            return
-        done = stats.normal_pages + stats.zero_pages
-        frac = min(1.0, done / planned) if planned else 0.0
-        width = 30
-        bar = "#" * int(frac * width) + "." * (width - int(frac * width))
-        rate = human(stats.throughput) + "/s"
-        sys.stderr.write(
-            f"\r{self.label} [{bar}] {frac * 100:5.1f}%  round {stats.rounds}  "
-            f"{human(stats.wire_bytes)} on the wire  {rate}   "
-        )
-        sys.stderr.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-    @asynccontextmanager
-    async def running(self, stats: MigrationStats, planned: list[int]) -> AsyncIterator[None]:
-        """Redraw the bar every 0.2 s while the body runs (``planned[0]``: pages to send)."""
-        async with trio.open_nursery() as bar:
-            bar.start_soon(self._loop, stats, planned)
-            yield
-            bar.cancel_scope.cancel()
-
-    def finish(self, stats: MigrationStats, planned: int) -> None:
-        """The bar's last state, then its line ends."""
-        self.show(stats, planned)
-        self.close()
-
-    async def _loop(self, stats: MigrationStats, planned: list[int]) -> None:
-        while True:
-            self.show(stats, planned[0])
-            await trio.sleep(0.2)
 
 
 def summary(title: str, stats: MigrationStats, extra: dict[str, Any] | None = None) -> str:

@@ -1,6 +1,7 @@
 """``multifd plugins``: the compression methods installed, and what went wrong loading any.
 
-With ``--check`` the command fails (exit status 1) when there is any problem, after listing them
+On a terminal the methods are a table (rich); piped, one line each, for scripts. With
+``--check`` the command fails (exit status 1) when there is any problem, after listing them
 all: for an install script or CI that must not go on with a broken plugin.
 """
 
@@ -33,6 +34,18 @@ def _none(record: logging.LogRecord) -> bool:
     return False
 
 
+def _table(methods: list[dict[str, Any]]) -> None:
+    """The methods as a table on a terminal (rich: imported only for it)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("value", "flags", "name", "aliases", "distribution", "plugin")
+    for m in methods:
+        cells = (m["value"], f"{m['flags']:#04x}", m["name"], ", ".join(m["aliases"]))
+        table.add_row(*map(str, cells), shown(m["distribution"]), shown(m["plugin"]))
+    Console(highlight=False, markup=False).print(table)
+
+
 def cmd_plugins(args: argparse.Namespace) -> dict[str, Any]:
     with _problems_not_logged():
         registry = load_methods(allow=args.allow_method)
@@ -50,8 +63,11 @@ def cmd_plugins(args: argparse.Namespace) -> dict[str, Any]:
     problems = [f"{type(p).__name__}: {p}" for p in registry.problems]
     out = {"methods": methods, "problems": problems}
     if not args.json:
-        for m in methods:
-            print(f"{m['value']}  flags {m['flags']:#04x}  {m['name']:<8} {m['distribution']}")
+        if sys.stdout.isatty():
+            _table(methods)
+        else:  # for scripts: one line a method
+            for m in methods:
+                print(f"{m['value']}  flags {m['flags']:#04x}  {m['name']:<8} {m['distribution']}")
         for p in problems:
             print(f"problem: {shown(p)}", file=sys.stderr)
     if args.check and problems:
