@@ -32,7 +32,7 @@ from .errors import (
 from .handshake import Handshake, MainChannel, MultiFDChannel
 from .options import DestinationOptions
 from .ram import RAMBlock
-from .recv import MultiFDRecvChannel, MultiFDRecvState
+from .recv import MultiFDRecvChannel, MultiFDRecvState, payload_bounds, recv_setup
 from .stats import MigrationStats
 from .transport import ChannelIO
 from .watchdog import deadline_watch, watchdog
@@ -68,7 +68,7 @@ class Destination:
             page_size=self.page_size,
             max_pages=pages_per_packet(self.page_size),
             compression=self.method.value,
-            payload_size=self.method.payload_size,
+            payload_size=payload_bounds(self.method),
             zero_pages_field=options.zero_page_packets,
         )
         self.state = MultiFDRecvState(self.num_channels, self.rules, self.stats)
@@ -171,7 +171,7 @@ class Destination:
             conn.id,
             io,
             self.method,
-            self.method.recv_setup(conn.id),
+            recv_setup(self.method, conn.id),
             self.state,
             self.limiter,
             checksums=bool(conn.features & MULTIFD_EXT_PACKET_CHECKSUM),  # integrity.py
