@@ -159,8 +159,9 @@ class MultiFDRecvChannel:
         while True:
             if not await self.io.receive_into(hview, "packet header", eof_ok=True):
                 # cleaned up before the end is reported: a failing recv_cleanup fails the
-                # migration before it can complete (and confirm success to the source)
-                self._cleanup(failing=False)
+                # migration before it can complete; an end before the migration completed
+                # fails it anyway (the source failed): that is what the error will say
+                self._cleanup(failing=not state.completed)
                 state.closed_channels.add(self.id)
                 state.reports_send.send_nowait((self.id, Report.EOF))
                 return

@@ -237,3 +237,28 @@ def test_cli_prints_one_line_for_a_plugin_that_raises(tmp_path: Any, case: str) 
     assert "MethodError" not in other, other  # the other end: its peer failed
     assert "Traceback" not in send_err + recv_err and "ExceptionGroup" not in send_err + recv_err
     assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("end", ["source", "destination"])
+async def test_a_cleanup_raising_after_a_failure_is_a_warning(
+    end: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The migration fails at the other end; this end's channels end on that failure and
+    their cleanup raises too: the error stays the one that tells what went wrong, and each
+    failed cleanup is a WARNING naming method and channel."""
+    if end == "source":
+        src, dst = RaisingMethod(fail="send_cleanup"), RaisingMethod(fail="recv_pages")
+        call, logger, failed = "send_cleanup", "multifd_core.send", DestinationFailed
+    else:
+        src, dst = RaisingMethod(fail="send_prepare", after=1), RaisingMethod(fail="recv_cleanup")
+        call, logger, failed = "recv_cleanup", "multifd_core.recv", ChannelClosed
+    run = await migrate(src, dst, channels=2, return_path=True)
+    err = run.src_error if end == "source" else run.dst_error
+    assert isinstance(err, failed), repr(err)
+    warned = sorted(r.getMessage() for r in caplog.records if r.name == logger)
+    assert warned == [
+        f"method 'raising', channel {c}: {call} raised ValueError: {call} is broken "
+        "(the migration had failed or was cancelled)"
+        for c in (0, 1)
+    ]
+    assert all(r.levelname == "WARNING" for r in caplog.records if r.name == logger)
