@@ -32,7 +32,7 @@ from .errors import (
 from .handshake import Handshake, MainChannel, MultiFDChannel
 from .options import DestinationOptions
 from .ram import RAMBlock
-from .recv import MultiFDRecvChannel, MultiFDRecvState
+from .recv import MultiFDRecvChannel, MultiFDRecvState, payload_bounds, recv_setup
 from .stats import MigrationStats, Progress
 from .transport import ChannelIO
 from .watchdog import deadline_watch, watchdog
@@ -68,7 +68,7 @@ class Destination:
             page_size=self.page_size,
             max_pages=pages_per_packet(self.page_size),
             compression=self.method.value,
-            payload_size=self.method.payload_size,
+            payload_size=payload_bounds(self.method),
             zero_pages_field=options.zero_page_packets,
         )
         self.state = MultiFDRecvState(self.num_channels, self.rules, self.stats)
@@ -177,7 +177,7 @@ class Destination:
             conn.id,
             io,
             self.method,
-            self.method.recv_setup(conn.id),
+            recv_setup(self.method, conn.id),
             self.state,
             self.limiter,
             checksums=bool(conn.features & MULTIFD_EXT_PACKET_CHECKSUM),  # integrity.py
@@ -254,6 +254,8 @@ class Destination:
         may come, and the watchdog and the deadline are over (the program's own work on the
         blocks may take its time)."""
         await self._verify()  # the content digests agree before anything counts as landed
+        self.state.completed = True  # no page may come now: the contexts can go (recv_cleanup)
+        self.state.cleanup_all()
         self._landed()
 
     def _landed(self) -> None:
@@ -310,6 +312,7 @@ class Destination:
             raise MigrationTimeout(
                 f"channels still open {drain} s after the end of the migration"
             ) from None
+        self.state.check_cleanups()
         await self._verify()  # every page landed
         await trio.sleep(0)  # let the accept loop take what is already in the backlog
         await self.connections.stop()  # and hear out the handshakes still pending

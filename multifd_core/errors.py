@@ -60,6 +60,65 @@ class UnknownMethodError(PluginError, KeyError):
         return str(self.args[0]) if self.args else "unknown compression method"
 
 
+class MethodError(MultiFDError):
+    """A compression method's own code failed: a plugin's bug, not the peer's fault.
+
+    Either one of its calls (``send_setup``, ``send_prepare``, ``send_cleanup``, ``recv_setup``,
+    ``recv_pages``, ``recv_cleanup``, ``payload_size``) raised an exception that is not one the
+    contract lets it raise (the plugin's exception is then this one's ``__cause__``), or
+    ``send_prepare`` made a payload outside the method's own ``payload_size`` bound (refused by
+    the sender before it is sent). A :class:`DecompressionError` (any :class:`ProtocolError`)
+    from ``recv_pages`` is the contract's way to refuse a corrupt payload: the peer's fault, it
+    stays what it is. ``method`` names the method; ``channel`` and ``packet_num`` say where
+    (``packet_num`` None outside a packet: setup, cleanup).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        method: str,
+        channel: int | None = None,
+        packet_num: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.method = method
+        self.channel = channel
+        self.packet_num = packet_num
+
+    @classmethod
+    def raised(
+        cls,
+        method: str,
+        call: str,
+        exc: BaseException,
+        *,
+        channel: int | None = None,
+        packet_num: int | None = None,
+    ) -> MethodError:
+        """The error for ``exc`` out of the method's ``call``; raise it ``from exc``."""
+        detail = str(exc)
+        what = f"{call} raised {type(exc).__name__}" + (f": {detail}" if detail else "")
+        return cls(what, method=method, channel=channel, packet_num=packet_num)
+
+    def located(self, *, channel: int | None = None, packet_num: int | None = None) -> MethodError:
+        """Fill in where the error happened (keeps what is already known)."""
+        if self.channel is None:
+            self.channel = channel
+        if self.packet_num is None:
+            self.packet_num = packet_num
+        return self
+
+    def __str__(self) -> str:
+        where = [f"method {self.method!r}"]
+        if self.channel is not None:
+            where.append(f"channel {self.channel}")
+        if self.packet_num is not None:
+            where.append(f"packet {self.packet_num}")
+        return f"{', '.join(where)}: {self.message}"
+
+
 # --- bad input from the peer ---------------------------------------------------------------
 
 

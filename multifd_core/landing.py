@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from .errors import ProtocolError, StorageError
+from .errors import MethodError, ProtocolError, StorageError
 from .integrity import PacketCheck
 from .methods import MultiFDMethod, RecvContext
 from .ram import RAMBlock, nonzero_rows, zero_page
@@ -189,13 +189,16 @@ class PacketLanding:
         ctx: RecvContext,
         limiter: trio.CapacityLimiter,
         max_bytes: int,
+        payload_size: Callable[[int], tuple[int, int]] | None = None,
     ) -> None:
         self.io = io
         self.method = method
         self.ctx = ctx
         self.limiter = limiter
         self.max_bytes = max_bytes  # the largest packet's pages
-        self._payload = bytearray(0 if method.raw_payload else method.payload_size(max_bytes)[1])
+        #: ``payload_size``: the method's, as the packet rules call it (recv.payload_bounds)
+        bound = (payload_size or method.payload_size)(max_bytes)[1]
+        self._payload = bytearray(0 if method.raw_payload else bound)
         self._bounce: bytearray | None = None  # pages bound for a file block (see _targets)
         self.inline_writes = True  # see write_file
         self._slow_writes = 0  # slow inline writes in a row
@@ -242,7 +245,18 @@ class PacketLanding:
         to_file = block.fd is not None
 
         def decode() -> None:  # one thread hop: decode, write, check
-            self.ctx.recv_pages(payload, runs)
+            try:
+                self.ctx.recv_pages(payload, runs)
+            except ProtocolError:  # DecompressionError: the peer's payload is bad (below)
+                raise
+            except Exception as exc:  # the plugin is broken: a MethodError, its cause kept
+                raise MethodError.raised(
+                    self.method.name,
+                    "recv_pages",
+                    exc,
+                    channel=self.io.channel,
+                    packet_num=packet.packet_num,
+                ) from exc
             if to_file:
                 write_spans(block, spans, runs)
             if check is not None:

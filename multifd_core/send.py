@@ -8,6 +8,7 @@ idle channel and gives it a job. Owning an idle id is owning that channel until 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import trio
 from xxhash import xxh3_64 as Hash
 
 from . import integrity
+from .errors import MethodError
 from .methods import Buffer, MultiFDMethod, SendContext
 from .ram import RAMBlock
 from .stats import MigrationStats
@@ -35,6 +37,15 @@ class SendJob:
 
 
 _QUIT = None
+log = logging.getLogger(__name__)
+
+
+def send_setup(method: MultiFDMethod, channel: int) -> SendContext:
+    """``method.send_setup(channel)``: what it raises is a MethodError (errors.py)."""
+    try:
+        return method.send_setup(channel)
+    except Exception as exc:
+        raise MethodError.raised(method.name, "send_setup", exc, channel=channel) from exc
 
 
 class MultiFDSendChannel:
@@ -69,6 +80,9 @@ class MultiFDSendChannel:
         self._snapshot: memoryview | None = None
         self.jobs_send, self.jobs_recv = trio.open_memory_channel[SendJob | None](0)
         self.cleaned = False
+        #: ``method.payload_size(_bound_raw)``, for the last packet size (_checked_size)
+        self._bound_raw = -1
+        self._bound = (0, 0)
 
     async def multifd_send_thread(self, idle: trio.MemorySendChannel[int]) -> None:
         try:
@@ -76,30 +90,82 @@ class MultiFDSendChannel:
                 await idle.send(self.id)
                 job = await self.jobs_recv.receive()
                 if job is _QUIT:
-                    return
+                    break
                 await self._send_packet(job)
-        finally:
-            self.cleanup()
+        except BaseException:
+            self.cleanup()  # what ended the channel stands
+            raise
+        self.cleanup(failing=False)
 
-    def cleanup(self) -> None:
-        """send_cleanup, once, whatever ended the channel."""
-        if not self.cleaned:
-            self.cleaned = True
+    def cleanup(self, *, failing: bool = True) -> None:
+        """send_cleanup, once, whatever ended the channel. When it raises: a MethodError, or
+        while the channel (the migration) is ``failing`` already, a warning (the first error
+        is the one that tells what went wrong)."""
+        if self.cleaned:
+            return
+        self.cleaned = True
+        try:
             self.ctx.send_cleanup()
+        except Exception as exc:
+            err = MethodError.raised(self.method.name, "send_cleanup", exc, channel=self.id)
+            if not failing:
+                raise err from exc
+            log.warning("%s (the migration had failed or was cancelled)", err)
 
     def _prepare(
-        self, pages: Sequence[memoryview], page_size: int
-    ) -> tuple[Sequence[Buffer], Hash | None]:
-        """The payload of ``pages`` and, with checksums, their hash: in the thread that reads
-        the pages anyway (the compressor's, for a threaded method). With checksums, payload
-        and hash come from one copy of the pages, so that a page changing meanwhile (it is
-        dirty again, and goes again next round) cannot make them disagree."""
+        self, pages: Sequence[memoryview], page_size: int, job: SendJob
+    ) -> tuple[Sequence[Buffer], int, Hash | None]:
+        """The payload of ``pages``, its size and, with checksums, their hash: in the thread
+        that reads the pages anyway (the compressor's, for a threaded method). With checksums,
+        payload and hash come from one copy of the pages, so that a page changing meanwhile
+        (it is dirty again, and goes again next round) cannot make them disagree."""
         hashed = None
         if self.checksums:
             pages = [self._copy(pages, page_size)]
             hashed = integrity.hash_pages(pages)
-        payload = pages if self.method.raw_payload else self.ctx.send_prepare(pages)
-        return payload, hashed
+        if self.method.raw_payload:
+            return pages, sum(len(p) for p in pages), hashed
+        try:
+            payload = self.ctx.send_prepare(pages)
+        except Exception as exc:
+            raise self._error("send_prepare", exc, job.packet_num) from exc
+        raw = len(job.offsets) * page_size
+        return payload, self._checked_size(payload, raw, page_size, job.packet_num), hashed
+
+    def _error(self, call: str, exc: Exception, packet_num: int) -> MethodError:
+        """``exc`` out of the method's ``call`` for packet ``packet_num``."""
+        return MethodError.raised(
+            self.method.name, call, exc, channel=self.id, packet_num=packet_num
+        )
+
+    def _failed(self, what: str, packet_num: int) -> MethodError:
+        return MethodError(what, method=self.method.name, channel=self.id, packet_num=packet_num)
+
+    def _checked_size(self, payload: Sequence[Buffer], raw: int, page_size: int, num: int) -> int:
+        """The size of ``payload``, for ``raw`` bytes of pages, which must lie within the
+        method's ``payload_size`` bound (a receiver refuses it otherwise, with BadPacketSize):
+        a MethodError naming the packet instead of a channel the receiver closed. The bound
+        of the last size asked for is kept (full packets: all but a few)."""
+        try:
+            size = sum(len(p) for p in payload)
+        except TypeError as exc:
+            what = f"send_prepare returned a {type(payload).__name__}, not a sequence of buffers"
+            raise self._failed(what, num) from exc
+        if raw != self._bound_raw:
+            try:
+                self._bound = self.method.payload_size(raw)
+            except Exception as exc:
+                raise self._error("payload_size", exc, num) from exc
+            self._bound_raw = raw
+        low, high = self._bound
+        if not low <= size <= high:
+            bound = f"{low}" if low == high else f"{low}..{high}"
+            raise self._failed(
+                f"send_prepare made a payload of {size} bytes for {raw // page_size} pages "
+                f"({raw} bytes), outside its payload_size bound {bound}: a receiver refuses it",
+                num,
+            )
+        return size
 
     def _copy(self, pages: Sequence[memoryview], page_size: int) -> memoryview:
         """``pages`` copied, one after the other, into the channel's snapshot buffer (memcpy);
@@ -115,6 +181,7 @@ class MultiFDSendChannel:
 
     async def _send_packet(self, job: SendJob) -> None:
         payload: Sequence[Buffer] = ()
+        size = 0
         hashed: Hash | None = None
         npages = len(job.offsets)
         flags = job.flags
@@ -126,13 +193,13 @@ class MultiFDSendChannel:
         if npages:
             assert job.block is not None
             pages = job.block.page_runs(job.offsets)
+            ps = job.block.page_size
             if self.method.threaded and not self.method.raw_payload:
-                payload, hashed = await trio.to_thread.run_sync(
-                    self._prepare, pages, job.block.page_size, limiter=self.limiter
+                payload, size, hashed = await trio.to_thread.run_sync(
+                    self._prepare, pages, ps, job, limiter=self.limiter
                 )
             else:  # nocomp copies and hashes here: less than a thread hop (~55 us)
-                payload, hashed = self._prepare(pages, job.block.page_size)
-        size = sum(len(p) for p in payload)
+                payload, size, hashed = self._prepare(pages, ps, job)
         header = MultiFDPacket(
             flags=flags,
             pages_alloc=self.header_pages,
@@ -234,4 +301,5 @@ __all__ = [
     "MultiFDSendChannel",
     "MultiFDSendState",
     "SendJob",
+    "send_setup",
 ]

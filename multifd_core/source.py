@@ -32,7 +32,7 @@ from .errors import (
 from .methods import MultiFDMethod
 from .options import SourceOptions
 from .ram import RAMBlock
-from .send import MultiFDSendChannel, MultiFDSendState
+from .send import MultiFDSendChannel, MultiFDSendState, send_setup
 from .stats import MigrationStats, Progress
 from .transport import ChannelIO, Connector
 from .watchdog import deadline_watch, watchdog
@@ -130,7 +130,7 @@ class Source:
                     i,
                     io,
                     self.method,
-                    self.method.send_setup(i),
+                    send_setup(self.method, i),
                     self.pages_per_packet,
                     self.stats,
                     self.limiter,

@@ -1,6 +1,6 @@
 """Running the ``multifd`` command in tests: start it, bound it, kill it by pid, read its ready
 file, or run it on a pseudo-terminal. Shared by the CLI tests (test_cli, test_tls, test_netns,
-test_progress_bar)."""
+test_progress_bar, test_integrity, test_method_errors)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import ast
 import fcntl
 import os
 import pty
+import random
 import select
 import shutil
 import signal
@@ -182,3 +183,22 @@ def receiver(
         got, port = wait_ready_file(proc, ready)
         assert got == host
         yield proc, port
+
+
+def cli_pair(
+    tmp_path: Path, send_args: list[str], recv_args: list[str], plugin: str = "broken_methods"
+) -> tuple[int, str, int, str, Path, bytes]:
+    """``multifd send FILE`` (3 MiB of random bytes) into ``multifd recv`` with the plugin
+    module ``plugin`` installed (``plugin_site``): each one's exit status and stderr, the output
+    directory and the file's content."""
+    tmp_path.mkdir(exist_ok=True)
+    env = plugin_site(tmp_path / "site", plugin)
+    data = random.Random(3).randbytes(3 << 20)
+    src = tmp_path / "disk.img"
+    src.write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    with receiver(tmp_path / "ready", out, *recv_args, env=env) as (proc, port):
+        sent = run("send", "--connect", f"127.0.0.1:{port}", *send_args, str(src), env=env)
+        got = finish(proc)
+    return sent.rc, sent.err, got.rc, got.err, out, data

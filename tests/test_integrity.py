@@ -24,7 +24,7 @@ import trio
 import xxhash
 from broken_methods import FlipMethod, ShortMethod
 from fault_streams import PassThroughStream, counting
-from procs import finish, plugin_site, receiver, run
+from procs import cli_pair
 
 from multifd_core import RAMBlock, SourceOptions, open_tcp_acceptor, tcp_connector
 from multifd_core.errors import (
@@ -416,24 +416,6 @@ async def test_block_digest_of_a_sparse_file_allocates_nothing() -> None:
 def error_line(err: str, command: str) -> str:
     assert err.startswith(f"multifd {command}: error: ") and err.count("\n") == 1, err
     return err
-
-
-def cli_pair(
-    tmp_path: Path, send_args: list[str], recv_args: list[str]
-) -> tuple[int, str, int, str, Path, bytes]:
-    """``multifd send FILE`` into ``multifd recv`` with the broken methods installed: each
-    one's exit status and stderr, the output directory and the file's content."""
-    tmp_path.mkdir(exist_ok=True)
-    env = plugin_site(tmp_path / "site", "broken_methods")
-    data = random.Random(3).randbytes(3 << 20)
-    src = tmp_path / "disk.img"
-    src.write_bytes(data)
-    out = tmp_path / "out"
-    out.mkdir()
-    with receiver(tmp_path / "ready", out, *recv_args, env=env) as (proc, port):
-        sent = run("send", "--connect", f"127.0.0.1:{port}", *send_args, str(src), env=env)
-        got = finish(proc)
-    return sent.rc, sent.err, got.rc, got.err, out, data
 
 
 def test_cli_broken_plugin_fails_both_ends_and_leaves_no_file(tmp_path: Path) -> None:
