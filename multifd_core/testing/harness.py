@@ -35,6 +35,7 @@ from .. import (
     Destination,
     MemoryNetwork,
     MigrationStats,
+    MigrationStatus,
     RAMBlock,
     Source,
     open_destination,
@@ -111,7 +112,7 @@ class DestinationRun:
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     @property
-    def status(self) -> str | None:
+    def status(self) -> MigrationStatus | None:
         """Its stats' status ("completed", "cancelled", "failed"...), once it opened."""
         return self.destination.stats.status if self.destination is not None else None
 
