@@ -389,13 +389,12 @@ async def open_source(
     The options (:class:`SourceOptions`: ``channels``, ``method``, ``method_options``, ``uuid``,
     ``machine_type``, ``connect_timeout``, ``idle_timeout``, ``description``, ``device_state``,
     ...) come as ``options``, as keywords (typed: :class:`SourceChanges`), or both (keywords
-    win). ``connect_timeout`` bounds each
-    connection; ``idle_timeout`` fails the migration with ChannelStalled when a send makes no
-    progress that long (a stalled destination or link; None: wait forever); ``deadline``
-    bounds the whole migration, from here to ``complete()`` (MigrationTimeout).
-    ``integrity`` (on by
-    default) puts a checksum in every packet, ``verify`` sends each block's content digest after
-    the last round; a destination of this library checks both (docs/wire-extensions.md).
+    win). ``connect_timeout`` bounds each connection; ``idle_timeout`` fails the migration with
+    ChannelStalled when a send makes no progress that long (a stalled destination or link;
+    None: wait forever); ``deadline`` bounds the whole migration, from here to ``complete()``
+    (MigrationTimeout). ``integrity`` (on by default) puts a checksum in every packet,
+    ``verify`` sends each block's content digest after the last round; a destination of this
+    library checks both (docs/wire-extensions.md).
     """
     check_endpoint(connect, "connector")
     src = Source(list(blocks), connect, SourceOptions.build(options, **changes))
