@@ -26,25 +26,26 @@ newest instead (sshd's MaxStartups) would let as many silent connections, renewe
 
 from __future__ import annotations
 
+import inspect
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
 
-from .errors import LimitExceeded, MigrationTimeout, MultiFDError
+from .endpoints import Acceptor, open_stream
+from .errors import ConfigError, LimitExceeded, MigrationTimeout, MultiFDError
 from .handshake import HEAD_SIZE, Handshake, Junk, MainChannel, MultiFDChannel, unidentified
 from .options import DestinationOptions
 from .stats import MigrationStats
-from .transport import ChannelIO
+from .tls import TLSAcceptor
+from .transport import ChannelIO, SocketAcceptor
 
 log = logging.getLogger(__name__)
 
-#: How a destination gets its next connection: any async callable returning a trio stream
-#: (``open_tcp_acceptor(...)``, ``MemoryNetwork.accept``, a TLS acceptor, ...).
-Accept = Callable[[], Awaitable[trio.abc.Stream]]
 #: ``run_channel(io, what)``: the destination runs an identified connection to its end.
 RunChannel = Callable[[ChannelIO, MainChannel | MultiFDChannel], Awaitable[None]]
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -70,6 +71,43 @@ def peer_name(stream: trio.abc.Stream) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: What the acceptors of the destinations open now take their connections from (``serving``).
+_serving: dict[int, object] = {}
+
+
+def _served_by(accept: object) -> object:
+    """What ``accept`` takes its connections from: a bound method's object, the acceptor a
+    TLSAcceptor wraps, a SocketAcceptor's listener (two acceptors on one listener are one)."""
+    while True:
+        if inspect.ismethod(accept):
+            accept = accept.__self__  # MemoryNetwork.accept: the network
+        elif isinstance(accept, TLSAcceptor):
+            accept = accept.accept
+        elif isinstance(accept, SocketAcceptor):
+            return accept.listener
+        else:
+            return accept
+
+
+@contextmanager
+def serving(accept: Acceptor) -> Iterator[None]:
+    """One destination at a time on an acceptor: ConfigError at once for a second one while the
+    first is open (they would take each other's connections; on a socket, the second's accept
+    was trio's BusyResourceError). After the first one, the acceptor may serve another."""
+    source = _served_by(accept)
+    key = id(source)
+    if key in _serving:
+        raise ConfigError(
+            "this acceptor already serves a destination: one at a time (another destination "
+            "at the same time needs its own acceptor)"
+        )
+    _serving[key] = source  # held: its id stays its own until released
+    try:
+        yield
+    finally:
+        del _serving[key]
+
+
 @dataclass(eq=False)
 class _Pending:
     """A connection whose handshake runs; ``dropped`` says why it was cancelled."""
@@ -84,7 +122,7 @@ class Connections:
 
     def __init__(
         self,
-        accept: Accept,
+        accept: Acceptor,
         handshake: Handshake,
         options: DestinationOptions,
         stats: MigrationStats,
@@ -143,7 +181,7 @@ class Connections:
     async def _accept_loop(self, nursery: trio.Nursery) -> None:
         with self._accepting:
             while True:
-                stream = await self.accept()
+                stream = await open_stream(self.accept, "acceptor")
                 if len(self._pending) >= self.max_pending:
                     self._drop(next(iter(self._pending)), self._over_bound())
                 pending = _Pending(peer_name(stream))

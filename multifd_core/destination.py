@@ -13,16 +13,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Unpack
 
 import trio
 
 from . import integrity, landing
 from . import mainstream as ms
 from . import returnpath as rp
-from .accept import Accept, Connections
+from .accept import Connections, serving
 from .blocks import BlockFactory, allocate_block, check_total, take_block
 from .boundary import library_errors
+from .endpoints import Acceptor, check_endpoint
 from .errors import (
     ChannelClosed,
     MigrationTimeout,
@@ -30,7 +31,7 @@ from .errors import (
     TruncatedStream,
 )
 from .handshake import Handshake, MainChannel, MultiFDChannel
-from .options import DestinationOptions
+from .options import DestinationChanges, DestinationOptions
 from .ram import RAMBlock
 from .recv import MultiFDRecvChannel, MultiFDRecvState, payload_bounds, recv_setup
 from .stats import MigrationStats, Progress
@@ -47,7 +48,7 @@ class Destination:
 
     def __init__(
         self,
-        accept: Accept,
+        accept: Acceptor,
         options: DestinationOptions,
         *,
         blocks: Mapping[str, RAMBlock] | None = None,
@@ -341,19 +342,21 @@ class Destination:
 
 @asynccontextmanager
 async def open_destination(
-    accept: Accept,
+    accept: Acceptor,
     options: DestinationOptions | None = None,
     *,
     blocks: Iterable[RAMBlock] | Mapping[str, RAMBlock] | None = None,
     block_factory: BlockFactory = allocate_block,
-    **changes: Any,
+    **changes: Unpack[DestinationChanges],
 ) -> AsyncIterator[Destination]:
     """Accept a migration: the main channel and ``channels`` multifd channels, in any order.
 
     Blocks come from ``blocks`` (names and sizes must match the source's) or are made by
     ``block_factory(name, size, page_size)`` (default: zero-filled anonymous memory). The options
-    (:class:`DestinationOptions`) come as ``options``, as keywords, or both (keywords win):
-    ``uuid``, when given, must match every channel's. ``await dst.wait()`` waits until every page
+    (:class:`DestinationOptions`) come as ``options``, as keywords (typed:
+    :class:`DestinationChanges`), or both (keywords win): ``uuid``, when given, must match every
+    channel's. An acceptor serves one destination at a time (ConfigError for a second one
+    while this one is open). ``await dst.wait()`` waits until every page
     landed and returns the stats; leaving the block waits for that too, then confirms it to a
     source with a return path (its SHUT) and lets the channels close: what the program does
     with the blocks inside the block, after ``wait()``, decides what the source is told.
@@ -374,34 +377,42 @@ async def open_destination(
     trickles), ``max_blocks`` and ``max_total_bytes`` for the RAM the source may announce
     (LimitExceeded), ``max_device_state`` for the bytes after the RAM section.
     """
+    check_endpoint(accept, "acceptor")
     opts = DestinationOptions.build(options, **changes)
     given: dict[str, RAMBlock] | None = None
     if blocks is not None:
         given = dict(blocks) if isinstance(blocks, Mapping) else {b.name: b for b in blocks}
-    dst = Destination(accept, opts, blocks=given, block_factory=block_factory)
-    try:
-        with library_errors(dst.stats):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(dst._watch, name="watchdog")
-                nursery.start_soon(dst._run, nursery)
-                yield dst
-                await dst.confirm()
-    finally:
-        await dst.aclose()
+    with serving(accept):
+        dst = Destination(accept, opts, blocks=given, block_factory=block_factory)
+        try:
+            with library_errors(dst.stats):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(dst._watch, name="watchdog")
+                    nursery.start_soon(dst._run, nursery)
+                    yield dst
+                    await dst.confirm()
+        finally:
+            await dst.aclose()
 
 
-async def receive(accept: Accept, **options: Any) -> tuple[MigrationStats, dict[str, RAMBlock]]:
-    """Receive one whole migration; returns the stats and the blocks by name.
-
-    ``options``: a :class:`DestinationOptions` as ``options=``, its fields as keywords, and
-    ``blocks`` / ``block_factory`` as for :func:`open_destination`."""
-    async with open_destination(accept, **options) as dst:
+async def receive(
+    accept: Acceptor,
+    options: DestinationOptions | None = None,
+    *,
+    blocks: Iterable[RAMBlock] | Mapping[str, RAMBlock] | None = None,
+    block_factory: BlockFactory = allocate_block,
+    **changes: Unpack[DestinationChanges],
+) -> tuple[MigrationStats, dict[str, RAMBlock]]:
+    """Receive one whole migration; returns the stats and the blocks by name. The arguments
+    are those of :func:`open_destination`."""
+    async with open_destination(
+        accept, options, blocks=blocks, block_factory=block_factory, **changes
+    ) as dst:
         await dst.wait()
     return dst.stats, dst.blocks
 
 
 __all__ = [
-    "Accept",
     "BlockFactory",
     "Destination",
     "allocate_block",

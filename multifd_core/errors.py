@@ -296,6 +296,11 @@ class IncompleteMigration(MultiFDError):
     """The migration ended before every block was complete."""
 
 
+class SnapshotError(MultiFDError):
+    """A snapshot directory (``qemu_save``) that is missing files, or whose files do not match
+    its manifest."""
+
+
 class StorageError(MultiFDError):
     """Writing a receiver's file failed (ENOSPC, EDQUOT, EIO, EROFS, ENAMETOOLONG, ...), or its
     final name is taken: ``path`` names the file, ``errno`` the error, all in one line."""

@@ -4,14 +4,20 @@
 the ``multifd`` command all build one of these frozen objects and read their defaults from it;
 nothing else repeats a default. A bad value raises :class:`ConfigError` naming it when the
 object is made.
+
+Their keyword arguments (``open_source(..., channels=4)``) are typed by the ``*Changes``
+TypedDicts below, which mirror the dataclasses' fields (names and types, no defaults: a test
+keeps them equal): ``mypy --strict`` refuses a misspelt option or a wrong type where it is
+passed, and ``build`` refuses a misspelt one at run time with a ConfigError naming it.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, fields, replace
-from typing import Any, Self
+from typing import Any, Self, TypedDict
 
 from .errors import ConfigError
 from .integrity import description_object
@@ -78,13 +84,7 @@ class EndOptions:
     @classmethod
     def build(cls, options: Self | None = None, /, **changes: Any) -> Self:
         """``options`` (default: the defaults) with ``changes``; an unknown name is refused."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ConfigError(
-                f"unknown option(s) {', '.join(unknown)} for {cls.__name__} "
-                f"(known: {', '.join(sorted(names - {'_'}))})"
-            )
+        check_known(changes, {f.name for f in fields(cls)} - {"_"}, cls.__name__)
         if options is None:
             return cls(**changes)
         return replace(options, **changes) if changes else options
@@ -193,6 +193,91 @@ class DestinationOptions(EndOptions):
             )
 
 
+def check_known(changes: Mapping[str, object], known: set[str], what: str) -> None:
+    """ConfigError naming the names of ``changes`` that are not ``known`` (and the nearest)."""
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        near = [m for u in unknown for m in difflib.get_close_matches(u, known, n=1)]
+        hint = f"did you mean {', '.join(near)}? " if near else ""
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)} for {what} "
+            f"({hint}known: {', '.join(sorted(known))})"
+        )
+
+
+# --- the keyword arguments: the fields above, typed for mypy (tests/test_public_api.py) -------
+
+
+class EndChanges(TypedDict, total=False):
+    """The keywords of both ends: the fields of :class:`EndOptions`."""
+
+    channels: int
+    method: str | int | MultiFDMethod
+    method_options: Mapping[str, Any] | None
+    registry: MethodRegistry | None
+    uuid: str | bytes | None
+    thread_limit: int | None
+    connect_timeout: float
+    idle_timeout: float | None
+    return_path_timeout: float
+    deadline: float | None
+
+
+class SourceChanges(EndChanges, total=False):
+    """The keywords of ``open_source`` and ``migrate``: the fields of :class:`SourceOptions`."""
+
+    machine_type: str
+    description: bytes | None
+    section_id: int
+    device_state: bytes | None
+    zero_page_detection: str | None
+    multifd_flush_after_each_section: bool | None
+    return_path: bool
+    integrity: bool
+    verify: bool
+
+
+class DestinationChanges(EndChanges, total=False):
+    """The keywords of ``open_destination``, ``receive`` and ``qemu_save``: the fields of
+    :class:`DestinationOptions`."""
+
+    page_size: int
+    handshake_timeout: float
+    max_pending_handshakes: int
+    drain_timeout: float
+    max_device_state: int | None
+    max_blocks: int
+    max_total_bytes: int | None
+    zero_page_packets: bool
+    verify: bool
+
+
+class RestoreChanges(TypedDict, total=False):
+    """The keywords of ``qemu_restore``: the fields of :class:`SourceOptions` but those the
+    snapshot gives (:data:`FROM_SNAPSHOT`)."""
+
+    channels: int
+    method: str | int | MultiFDMethod
+    method_options: Mapping[str, Any] | None
+    registry: MethodRegistry | None
+    thread_limit: int | None
+    connect_timeout: float
+    idle_timeout: float | None
+    return_path_timeout: float
+    deadline: float | None
+    zero_page_detection: str | None
+    multifd_flush_after_each_section: bool | None
+    return_path: bool
+    integrity: bool
+
+
+#: The fields of SourceOptions that ``qemu_restore`` takes from the snapshot (``verify``: its
+#: digests need the description slot, which the device state takes).
+FROM_SNAPSHOT = frozenset(
+    {"uuid", "machine_type", "section_id", "device_state", "description", "verify"}
+)
+
+
 #: ``qemu_save`` and ``multifd qemu-save``: a destination waiting for a person to start QEMU's
 #: migration, so it waits longer for the connections.
 QEMU_SAVE_DEFAULTS = DestinationOptions(connect_timeout=120.0)
@@ -202,6 +287,12 @@ RECV_DEFAULTS = DestinationOptions(connect_timeout=60.0)
 
 __all__ = [
     "DEFAULT_MAX_TOTAL_BYTES",
+    "FROM_SNAPSHOT",
+    "DestinationChanges",
+    "EndChanges",
+    "RestoreChanges",
+    "SourceChanges",
+    "check_known",
     "ZERO_PAGE_DETECTION",
     "QEMU_SAVE_DEFAULTS",
     "RECV_DEFAULTS",

@@ -26,30 +26,33 @@ import uuid as _uuid
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import trio
 
 from . import mainstream as ms
-from .destination import Accept, Destination, open_destination
+from .destination import Destination, open_destination
 from .dialect import resolve as resolve_dialect
-from .errors import ConfigError, MultiFDError
+from .endpoints import Acceptor, Connector
+from .errors import ConfigError, SnapshotError
 from .files import FileBlock
-from .options import QEMU_SAVE_DEFAULTS, DestinationOptions, SourceOptions
+from .options import (
+    FROM_SNAPSHOT,
+    QEMU_SAVE_DEFAULTS,
+    DestinationChanges,
+    DestinationOptions,
+    RestoreChanges,
+    SourceOptions,
+    check_known,
+)
 from .outdir import OutputDir, Temp
 from .ram import RAMBlock
 from .source import open_source
 from .stats import MigrationStats
-from .transport import Connector
 
 FORMAT = "multifd-qemu-save/1"
 MANIFEST = "manifest.json"
 DEVICE_STATE = "device-state.bin"
-
-
-class SnapshotError(MultiFDError):
-    """A snapshot directory that is missing files, or whose files do not match the manifest."""
-
 
 #: Bytes read per step by ``sha256_file``.
 HASH_CHUNK = 1 << 20
@@ -91,13 +94,13 @@ class SaveResult:
 
 
 async def qemu_save(
-    accept: Accept,
+    accept: Acceptor,
     directory: str | os.PathLike[str],
     options: DestinationOptions | None = None,
     *,
     overwrite: bool = False,
     fsync: bool = False,
-    **changes: Any,
+    **changes: Unpack[DestinationChanges],
 ) -> SaveResult:
     """Receive one migration from a QEMU source into ``directory``.
 
@@ -238,7 +241,7 @@ async def qemu_restore(
     options: SourceOptions | None = None,
     *,
     verify: bool = True,
-    **changes: Any,
+    **changes: Unpack[RestoreChanges],
 ) -> MigrationStats:
     """Send a snapshot to a QEMU destination waiting with ``-incoming``.
 
@@ -247,7 +250,13 @@ async def qemu_restore(
     go) is the one the machine type expects on the destination (``dialect.resolve``), changed by
     ``zero_page_detection`` / ``multifd_flush_after_each_section``; one it cannot serve raises
     ConfigError before connecting. Packet checksums are off unless ``integrity=True`` is
-    given: QEMU cannot check them, and the channels then carry QEMU's own bytes."""
+    given: QEMU cannot check them, and the channels then carry QEMU's own bytes. ``verify``
+    checks the snapshot's files against their sha256 (the options' fields that the snapshot
+    gives, :data:`~multifd_core.options.FROM_SNAPSHOT`, are refused as keywords)."""
+    given = ", ".join(sorted(FROM_SNAPSHOT))
+    check_known(
+        changes, set(RestoreChanges.__optional_keys__), f"qemu_restore ({given}: from the snapshot)"
+    )
     d = Path(directory)
     manifest = load_manifest(d, verify=verify)
     opts = SourceOptions.build(

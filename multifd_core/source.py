@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any
+from typing import Unpack
 
 import trio
 
@@ -21,6 +21,7 @@ from . import mainstream as ms
 from . import returnpath as rp
 from .bitmap import PageBitmap
 from .boundary import library_errors
+from .endpoints import Connector, check_endpoint, open_stream
 from .errors import (
     ChannelError,
     ChannelStalled,
@@ -30,11 +31,11 @@ from .errors import (
     ProtocolError,
 )
 from .methods import MultiFDMethod
-from .options import SourceOptions
+from .options import SourceChanges, SourceOptions
 from .ram import RAMBlock
 from .send import MultiFDSendChannel, MultiFDSendState, send_setup
 from .stats import MigrationStats, Progress
-from .transport import ChannelIO, Connector
+from .transport import ChannelIO
 from .watchdog import deadline_watch, watchdog
 from .wire import MULTIFD_EXT_PACKET_CHECKSUM, MultiFDInit, pages_per_packet, uuid_bytes
 
@@ -103,7 +104,7 @@ class Source:
         timeout = self.options.connect_timeout
         try:
             with trio.fail_after(timeout):
-                stream = await self.connect()
+                stream = await open_stream(self.connect, "connector")
         except trio.TooSlowError:
             raise MigrationTimeout(f"cannot connect the {name} within {timeout} s") from None
         except OSError as exc:
@@ -386,7 +387,7 @@ async def open_source(
     blocks: Iterable[RAMBlock],
     connect: Connector,
     options: SourceOptions | None = None,
-    **changes: Any,
+    **changes: Unpack[SourceChanges],
 ) -> AsyncIterator[Source]:
     """Connect to a destination and set up a migration of ``blocks``.
 
@@ -396,14 +397,15 @@ async def open_source(
 
     The options (:class:`SourceOptions`: ``channels``, ``method``, ``method_options``, ``uuid``,
     ``machine_type``, ``connect_timeout``, ``idle_timeout``, ``description``, ``device_state``,
-    ...) come as ``options``, as keywords, or both (keywords win). ``connect_timeout`` bounds each
-    connection; ``idle_timeout`` fails the migration with ChannelStalled when a send makes no
-    progress that long (a stalled destination or link; None: wait forever); ``deadline``
-    bounds the whole migration, from here to ``complete()`` (MigrationTimeout).
-    ``integrity`` (on by
-    default) puts a checksum in every packet, ``verify`` sends each block's content digest after
-    the last round; a destination of this library checks both (docs/wire-extensions.md).
+    ...) come as ``options``, as keywords (typed: :class:`SourceChanges`), or both (keywords
+    win). ``connect_timeout`` bounds each connection; ``idle_timeout`` fails the migration with
+    ChannelStalled when a send makes no progress that long (a stalled destination or link;
+    None: wait forever); ``deadline`` bounds the whole migration, from here to ``complete()``
+    (MigrationTimeout). ``integrity`` (on by default) puts a checksum in every packet,
+    ``verify`` sends each block's content digest after the last round; a destination of this
+    library checks both (docs/wire-extensions.md).
     """
+    check_endpoint(connect, "connector")
     src = Source(list(blocks), connect, SourceOptions.build(options, **changes))
     try:
         with library_errors(src.stats):
@@ -422,14 +424,18 @@ async def open_source(
 
 
 async def migrate(
-    blocks: Iterable[RAMBlock], connect: Connector, *, rounds: int = 1, **options: Any
+    blocks: Iterable[RAMBlock],
+    connect: Connector,
+    options: SourceOptions | None = None,
+    *,
+    rounds: int = 1,
+    **changes: Unpack[SourceChanges],
 ) -> MigrationStats:
     """Migrate ``blocks`` in ``rounds`` rounds (the last one completes); returns the stats.
-
-    ``options``: a :class:`SourceOptions` as ``options=`` and/or its fields as keywords."""
+    ``options`` and keywords as for :func:`open_source`."""
     if rounds < 1:
         raise ConfigError("rounds must be >= 1")
-    async with open_source(blocks, connect, **options) as src:
+    async with open_source(blocks, connect, options, **changes) as src:
         for _ in range(rounds - 1):
             await src.send_round()
         return await src.complete()

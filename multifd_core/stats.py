@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+#: How a migration end stands: set up, sending/receiving, or how it ended.
+MigrationStatus = Literal["setup", "active", "completed", "failed", "cancelled"]
 
 
 @dataclass
@@ -111,7 +114,7 @@ class MigrationStats:
     channels: int
     method: str
     page_size: int
-    status: str = "setup"
+    status: MigrationStatus = "setup"
     total_bytes: int = 0  # size of all blocks
     normal_pages: int = 0  # pages sent / received on multifd channels
     zero_pages: int = 0  # zero pages sent / received, as records or in packets
@@ -267,7 +270,7 @@ class MigrationStats:
         self.rounds += 1
         self.in_round = False
 
-    def finish(self, status: str, error: BaseException | None = None) -> None:
+    def finish(self, status: MigrationStatus, error: BaseException | None = None) -> None:
         if self.ended is None:
             self.ended = time.monotonic()
         self.status = status

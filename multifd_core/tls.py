@@ -22,11 +22,11 @@ import os
 import re
 import ssl
 import weakref
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import trio
 
+from .endpoints import Acceptor, Connector
 from .errors import ConfigError, TLSError
 
 StrPath = str | os.PathLike[str]
@@ -345,12 +345,12 @@ async def aclose_tls(stream: trio.SSLStream[Any]) -> None:
 
 
 def tls_connector(
-    connect: Callable[[], Awaitable[trio.abc.Stream]],
+    connect: Connector,
     context: ssl.SSLContext,
     server_hostname: str | None,
     *,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-) -> Callable[[], Awaitable[TLSStream]]:
+) -> Connector:
     """Wrap ``connect`` (e.g. ``tcp_connector(host, port)``): every stream it opens gets TLS.
 
     ``server_hostname`` is the name the server's certificate must carry (checked whenever the
@@ -384,8 +384,8 @@ def tls_connector(
 
 
 class TLSAcceptor:
-    """Wraps an acceptor: ``await acceptor()`` returns the next connection as a TLS stream
-    whose handshake has not run yet (the destination runs it in the connection's own task).
+    """An :class:`Acceptor` wrapping another: ``await acceptor()`` returns the next connection
+    as a TLS stream whose handshake has not run yet (the destination runs it in its own task).
 
     ``address``, ``port`` and ``aclose`` are those of the wrapped acceptor. Two options for
     clients like QEMU's. ``https_compatible`` (trio's option): a client that closes without a
@@ -399,7 +399,7 @@ class TLSAcceptor:
 
     def __init__(
         self,
-        accept: Callable[[], Awaitable[trio.abc.Stream]],
+        accept: Acceptor,
         context: ssl.SSLContext,
         *,
         https_compatible: bool = False,
@@ -430,7 +430,7 @@ class TLSAcceptor:
         if close is not None:
             await close()
 
-    async def __aenter__(self) -> TLSAcceptor:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -438,7 +438,7 @@ class TLSAcceptor:
 
 
 def tls_acceptor(
-    accept: Callable[[], Awaitable[trio.abc.Stream]],
+    accept: Acceptor,
     context: ssl.SSLContext,
     *,
     https_compatible: bool = False,

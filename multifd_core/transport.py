@@ -1,10 +1,10 @@
 """Moving bytes: connecting and accepting channels, and fast reads and writes on them.
 
-A *connector* is an async callable returning a new ``trio.abc.Stream`` (one call per channel,
-main channel first); an *acceptor* is an async callable returning the next incoming stream. TCP
-and unix sockets get a zero-copy path: scatter-gather ``sendmsg`` of header and page memoryviews,
-and ``recv_into`` straight into the destination's pages. Any other trio stream (memory streams,
-TLS) works through ``send_all`` / ``receive_some``.
+A *connector* opens a new ``trio.abc.Stream`` per call (main channel first); an *acceptor*
+returns the next incoming one (the protocols: ``endpoints.py``). TCP and unix sockets get a
+zero-copy path: scatter-gather ``sendmsg`` of header and page memoryviews, and ``recv_into``
+straight into the destination's pages. Any other trio stream (memory streams, TLS) works
+through ``send_all`` / ``receive_some``.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import errno
 import os
 import socket as _stdsocket
 import stat
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Self
 
 import trio
 
 from . import tls as _tls
+from .endpoints import Connector
 from .errors import ChannelClosed, ChannelError, ConfigError, TLSError
 
 Buffer = bytes | bytearray | memoryview
-Connector = Callable[[], Awaitable[trio.abc.Stream]]
 
 #: How much a generic stream may read ahead into the channel's own buffer.
 READ_CHUNK = 256 * 1024
@@ -54,8 +54,9 @@ def unix_connector(path: str | os.PathLike[str]) -> Connector:
     return connect
 
 
-class Acceptor:
-    """Accepts channels from one trio listener; ``await acceptor()`` returns the next stream."""
+class SocketAcceptor:
+    """An :class:`Acceptor` of one trio listener (``open_tcp_acceptor``, ``open_unix_acceptor``):
+    ``await acceptor()`` returns the next stream; ``address``, ``port``, ``aclose``."""
 
     def __init__(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
         self.listener = listener
@@ -78,22 +79,22 @@ class Acceptor:
     async def aclose(self) -> None:
         await self.listener.aclose()
 
-    async def __aenter__(self) -> Acceptor:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
 
-async def open_tcp_acceptor(host: str, port: int = 0, *, backlog: int = 64) -> Acceptor:
-    """Listen on ``host:port`` (port 0 picks a free one: see ``Acceptor.port``)."""
+async def open_tcp_acceptor(host: str, port: int = 0, *, backlog: int = 64) -> SocketAcceptor:
+    """Listen on ``host:port`` (port 0 picks a free one: see ``SocketAcceptor.port``)."""
     listeners = await trio.open_tcp_listeners(port, host=host, backlog=backlog)
     for extra in listeners[1:]:
         await extra.aclose()
-    return Acceptor(listeners[0])
+    return SocketAcceptor(listeners[0])
 
 
-class UnixAcceptor(Acceptor):
+class UnixAcceptor(SocketAcceptor):
     """An acceptor on a unix socket file it bound: closing it removes that file, but only
     while the file at ``path`` is still the socket it created (same st_dev and st_ino)."""
 

@@ -8,15 +8,15 @@ it wants; the destination side runs in ``multifd_core.testing.destination_agains
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 import trio
 
+from multifd_core import Connector
 from multifd_core.mainstream import MainStreamWriter
 from multifd_core.wire import MULTIFD_FLAG_SYNC, MultiFDInit, MultiFDPacket
 
-Connect = Callable[[], Awaitable[trio.abc.Stream]]
 #: The blocks the hand-written sources announce unless told otherwise.
 ONE_MIB_RAM = [("pc.ram", 1 << 20)]
 
@@ -37,7 +37,7 @@ def sync_packet(num: int) -> bytes:
     return MultiFDPacket(MULTIFD_FLAG_SYNC, 128, 0, 0, num, "", []).encode(128)
 
 
-async def connect_channel(connect: Connect, cid: int, uuid: bytes = bytes(16)) -> trio.abc.Stream:
+async def connect_channel(connect: Connector, cid: int, uuid: bytes = bytes(16)) -> trio.abc.Stream:
     """A new connection that says it is multifd channel ``cid`` of migration ``uuid``."""
     stream = await connect()
     await stream.send_all(MultiFDInit(cid, uuid).encode())
@@ -45,7 +45,7 @@ async def connect_channel(connect: Connect, cid: int, uuid: bytes = bytes(16)) -
 
 
 async def open_channels(
-    connect: Connect,
+    connect: Connector,
     n: int,
     end_round: bool = False,
     blocks: Sequence[tuple[str, int]] = ONE_MIB_RAM,

@@ -12,10 +12,17 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from peers import Connect, aclose_all, connect_channel, main_setup
+from peers import aclose_all, connect_channel, main_setup
 from procs import finish, one_line_error, receiver, spawn
 
-from multifd_core import MemoryNetwork, RAMBlock, open_source, open_tcp_acceptor, tcp_connector
+from multifd_core import (
+    Connector,
+    MemoryNetwork,
+    RAMBlock,
+    open_source,
+    open_tcp_acceptor,
+    tcp_connector,
+)
 from multifd_core.errors import ChannelStalled, ConfigError, MigrationTimeout
 from multifd_core.options import DestinationOptions, SourceOptions
 from multifd_core.testing import destination_against, run_destination
@@ -24,7 +31,7 @@ from multifd_core.testing.harness import DestinationRun
 PS = 4096
 
 
-async def drip(connect: Connect, period: float) -> None:
+async def drip(connect: Connector, period: float) -> None:
     """Two channels (their init sent) and a main channel that sends its magic, then the rest of
     its setup one byte every ``period`` seconds, then nothing."""
     channels = [await connect_channel(connect, cid) for cid in range(2)]

@@ -14,9 +14,16 @@ import pytest
 import trio
 import trio.testing
 from fault_streams import DyingStream, Tripwire, counting  # (tests/ is on sys.path: conftest)
-from peers import Connect, aclose_all, open_channels, sync_packet
+from peers import aclose_all, open_channels, sync_packet
 
-from multifd_core import RAMBlock, open_destination, open_source, open_tcp_acceptor, tcp_connector
+from multifd_core import (
+    Connector,
+    RAMBlock,
+    open_destination,
+    open_source,
+    open_tcp_acceptor,
+    tcp_connector,
+)
 from multifd_core.errors import (
     ChannelError,
     ChannelStalled,
@@ -72,7 +79,7 @@ async def test_find_stall_rules() -> None:
 
 
 async def destination_error(
-    peer: Callable[[Connect], Awaitable[None]], **options: Any
+    peer: Callable[[Connector], Awaitable[None]], **options: Any
 ) -> tuple[BaseException, float]:
     """Run a destination on TCP against ``peer(connect)``; its error and how long it took."""
     async with open_link("tcp") as link:
@@ -83,7 +90,7 @@ async def destination_error(
     return run.error, run.seconds
 
 
-async def stall_of(peer: Callable[[Connect, list[trio.abc.Stream]], Awaitable[None]]) -> Any:
+async def stall_of(peer: Callable[[Connector, list[trio.abc.Stream]], Awaitable[None]]) -> Any:
     """The stall a destination (idle timeout 0.6 s) finds, within 5 s, in ``peer(connect,
     streams)``; the streams the peer keeps in ``streams`` are closed after."""
     streams: list[trio.abc.Stream] = []
@@ -99,7 +106,7 @@ async def stall_of(peer: Callable[[Connect, list[trio.abc.Stream]], Awaitable[No
 async def test_channel_stalls_mid_packet(no_leaks: None) -> None:
     """Channel 1 sends a packet header announcing a page, then nothing (socket left open)."""
 
-    async def peer(connect: Connect, streams: list[trio.abc.Stream]) -> None:
+    async def peer(connect: Connector, streams: list[trio.abc.Stream]) -> None:
         main, chans = await open_channels(connect, 2)
         streams.extend([main, *chans])
         header = MultiFDPacket(
@@ -127,7 +134,7 @@ async def test_channel_stalls_mid_packet(no_leaks: None) -> None:
 async def test_channel_silent_before_sync(no_leaks: None) -> None:
     """The round ends; channel 0 sends its SYNC, channel 1 never does: all is quiet, a stall."""
 
-    async def peer(connect: Connect, streams: list[trio.abc.Stream]) -> None:
+    async def peer(connect: Connector, streams: list[trio.abc.Stream]) -> None:
         main, chans = await open_channels(connect, 2, end_round=True)
         streams.extend([main, *chans])
         await chans[0].send_all(sync_packet(0))
@@ -218,7 +225,7 @@ async def test_block_that_cannot_be_allocated() -> None:
     def factory(name: str, size: int, page_size: int) -> RAMBlock:
         raise MemoryError("no room")
 
-    async def peer(connect: Connect) -> None:
+    async def peer(connect: Connector) -> None:
         main, chans = await open_channels(connect, 2)
         try:
             await trio.sleep_forever()
@@ -321,7 +328,7 @@ async def test_cancel_then_retry_to_fresh_destination(
 
 
 async def test_main_channel_closes_early_hand_peer(no_leaks: None) -> None:
-    async def peer(connect: Connect) -> None:
+    async def peer(connect: Connector) -> None:
         main, chans = await open_channels(connect, 2)
         await main.aclose()  # setup sent, then gone: no round end, no EOF
         try:

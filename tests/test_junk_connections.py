@@ -28,6 +28,7 @@ from peers import refusals
 from procs import finish, receiver, run
 
 from multifd_core import (
+    Connector,
     RAMBlock,
     client_context,
     open_source,
@@ -40,7 +41,7 @@ from multifd_core.errors import ConfigError, TLSError
 from multifd_core.image import vm_like_image
 from multifd_core.options import DestinationOptions
 from multifd_core.testing import (
-    Accept,
+    Acceptor,
     DestinationRun,
     LoopbackRun,
     open_link,
@@ -48,7 +49,6 @@ from multifd_core.testing import (
     run_destination,
     run_loopback,
 )
-from multifd_core.transport import Connector
 from multifd_core.wire import MultiFDInit
 
 PS = 4096
@@ -77,7 +77,7 @@ class Ends:
     def tls(self) -> bool:
         return self.mode == "mtls"
 
-    def wrap_accept(self, accept: Accept) -> Accept:
+    def wrap_accept(self, accept: Acceptor) -> Acceptor:
         if not self.tls:
             return accept
         server = server_context(

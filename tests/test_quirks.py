@@ -24,13 +24,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from multifd_core import MemoryNetwork, RAMBlock, open_source
+from multifd_core import Connector, MemoryNetwork, RAMBlock, open_source, tcp_connector
 from multifd_core.errors import MainStreamError
 from multifd_core.image import vm_like_image
 from multifd_core.mainstream import NEED_DATA, MainStreamParser, MainStreamWriter, RoundEnd
 from multifd_core.qemu import load_manifest
 from multifd_core.testing import destination_against, tagged_page
-from multifd_core.transport import Connector, tcp_connector
 from multifd_core.wire import (
     MULTIFD_FLAG_SYNC,
     MultiFDInit,

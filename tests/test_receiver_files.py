@@ -24,7 +24,7 @@ import pytest
 import trio
 from procs import Result, finish, receiver, run
 
-from multifd_core import MemoryNetwork, RAMBlock, open_destination, open_source
+from multifd_core import Acceptor, MemoryNetwork, RAMBlock, open_destination, open_source
 from multifd_core.errors import ProtocolError, StorageError
 from multifd_core.files import MANIFEST, ReceivedFiles
 from multifd_core.qemu import DEVICE_STATE, qemu_save
@@ -48,7 +48,7 @@ def outside(tmp_path: Path, name: str = "outside") -> Path:
     return victim
 
 
-Receive = Callable[[Callable[[], Awaitable[trio.abc.Stream]]], Awaitable[Any]]
+Receive = Callable[[Acceptor], Awaitable[Any]]
 
 
 async def loopback(
@@ -86,7 +86,7 @@ async def loopback(
 def recv_into(out: ReceivedFiles) -> Receive:
     """A ``multifd recv`` in the library: the destination, then commit or discard."""
 
-    async def receive(accept: Callable[[], Awaitable[trio.abc.Stream]]) -> dict[str, Any]:
+    async def receive(accept: Acceptor) -> dict[str, Any]:
         try:
             async with open_destination(accept, channels=2, block_factory=out.block_factory) as dst:
                 await dst.wait()
@@ -279,7 +279,7 @@ def test_sizes_after_eof_end_to_end(tmp_path: Path) -> None:
 
 
 def save_into(directory: Path, **kwargs: Any) -> Receive:
-    async def receive(accept: Callable[[], Awaitable[trio.abc.Stream]]) -> Any:
+    async def receive(accept: Acceptor) -> Any:
         return await qemu_save(accept, directory, channels=2, **kwargs)
 
     return receive

@@ -24,6 +24,7 @@ from peers import refusals
 from procs import finish, receiver, run
 
 from multifd_core import (
+    Connector,
     RAMBlock,
     client_context,
     load_methods,
@@ -43,8 +44,8 @@ from multifd_core.errors import (
     TLSError,
 )
 from multifd_core.image import vm_like_image
-from multifd_core.testing import Accept, Link, LoopbackRun, open_link, random_files, run_loopback
-from multifd_core.transport import ChannelIO, Connector
+from multifd_core.testing import Acceptor, Link, LoopbackRun, open_link, random_files, run_loopback
+from multifd_core.transport import ChannelIO
 
 PS = 4096
 #: both ends of a refused migration must be done well before any timeout could end them
@@ -96,7 +97,7 @@ async def run_migration(
             out.memory[i : i + 8] = (r - 1).to_bytes(8, "little")
             block.mark_dirty(i, 8)
 
-    def with_tls(accept: Accept) -> Accept:
+    def with_tls(accept: Acceptor) -> Acceptor:
         if server is None:
             return accept
         tls = tls_acceptor(accept, server)

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import load_methods
+from ..endpoints import Connector
 from ..errors import ConfigError
 from ..options import DestinationOptions, SourceOptions
 from ..tls import TLSAcceptor, client_context, server_context, tls_acceptor, tls_connector
 from ..transport import (
-    Acceptor,
-    Connector,
+    SocketAcceptor,
     open_tcp_acceptor,
     open_unix_acceptor,
     tcp_connector,
@@ -77,14 +77,14 @@ def connector(address: tuple[str, Any]) -> Connector:
     return unix_connector(where) if kind == "unix" else tcp_connector(*where)
 
 
-async def acceptor(address: tuple[str, Any]) -> Acceptor:
+async def acceptor(address: tuple[str, Any]) -> SocketAcceptor:
     kind, where = address
     if kind == "unix":
         return await open_unix_acceptor(where)
     return await open_tcp_acceptor(*where)
 
 
-def write_ready_file(args: argparse.Namespace, accept: Acceptor | TLSAcceptor) -> None:
+def write_ready_file(args: argparse.Namespace, accept: SocketAcceptor | TLSAcceptor) -> None:
     """``--ready-file``: the address listened on, for whoever waits to connect (tests)."""
     if args.ready_file:
         Path(args.ready_file).write_text(str(accept.address))
@@ -122,7 +122,7 @@ def tls_server_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 async def tls_listener(
     args: argparse.Namespace, *, peer_is_qemu: bool = False
-) -> Acceptor | TLSAcceptor:
+) -> SocketAcceptor | TLSAcceptor:
     """recv, qemu-save: listen on --listen, with TLS when any --tls option is given (the
     options are checked and the certificates loaded before the port is bound).
     ``peer_is_qemu``: QEMU closes its TLS channels without a close_notify, and closes them

@@ -17,7 +17,7 @@ conformance kit.
 
 from __future__ import annotations
 
-from .. import Accept
+from .. import Acceptor
 from .compare import check, check_same, difference, first_difference
 from .conformance import (
     FULL_PACKET,
@@ -74,7 +74,7 @@ __all__ = [
     "PAGE",
     "TEXT",
     "TIMEOUT",
-    "Accept",
+    "Acceptor",
     "DestinationRun",
     "Guarded",
     "Link",

@@ -30,11 +30,12 @@ from typing import Any
 import trio
 
 from .. import (
-    Accept,
+    Acceptor,
     Connector,
     Destination,
     MemoryNetwork,
     MigrationStats,
+    MigrationStatus,
     RAMBlock,
     Source,
     open_destination,
@@ -56,7 +57,7 @@ class Link:
     destination, and ``close`` to refuse further connections (as a receiving process exiting)."""
 
     connect: Connector
-    accept: Accept
+    accept: Acceptor
     close: Callable[[], Awaitable[None]] | None = None
     #: The TCP port or unix socket path listened on (None over memory streams).
     address: int | str | None = None
@@ -111,7 +112,7 @@ class DestinationRun:
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     @property
-    def status(self) -> str | None:
+    def status(self) -> MigrationStatus | None:
         """Its stats' status ("completed", "cancelled", "failed"...), once it opened."""
         return self.destination.stats.status if self.destination is not None else None
 
@@ -121,7 +122,7 @@ class DestinationRun:
 
 
 async def run_destination(
-    accept: Accept,
+    accept: Acceptor,
     run: DestinationRun,
     *,
     on_error: Callable[[], Awaitable[None]] | None = None,
@@ -147,7 +148,7 @@ async def run_destination(
 
 async def destination_against(
     peer: Callable[[], Awaitable[object]],
-    accept: Accept,
+    accept: Acceptor,
     *,
     timeout: float = TIMEOUT,
     **options: Any,
@@ -266,7 +267,7 @@ async def run_loopback(
     source: Mapping[str, Any] | None = None,
     destination: Mapping[str, Any] | None = None,
     wrap_connect: Callable[[Connector], Connector] | None = None,
-    wrap_accept: Callable[[Accept], Accept] | None = None,
+    wrap_accept: Callable[[Acceptor], Acceptor] | None = None,
     close_on_error: bool = False,
     capture_errors: bool = False,
     timeout: float | None = TIMEOUT,
