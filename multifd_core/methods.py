@@ -40,7 +40,7 @@ def int_option(
     """Take option ``name`` out of ``options`` (an int, or a string from the CLI's ``-o``) as an
     integer in ``low..high`` (``default`` when absent); ConfigError naming ``method`` otherwise."""
     raw = options.pop(name, default)
-    if isinstance(raw, bool):
+    if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
         raise ConfigError(f"{method} option {name}={raw!r} is not an integer")
     try:
         value = int(raw)

@@ -108,7 +108,7 @@ class Source:
         except trio.TooSlowError:
             raise MigrationTimeout(f"cannot connect the {name} within {timeout} s") from None
         except OSError as exc:
-            raise ChannelError(f"cannot connect the {name}: {exc}", channel=channel) from exc
+            raise ChannelError(f"cannot connect: {exc}", channel=channel) from exc
         except ChannelError as exc:  # from the connector itself (TLS): say which channel
             exc.channel = channel
             raise

@@ -492,9 +492,12 @@ def test_int_option_takes_its_option_out() -> None:
     assert int_option(opts, "m", "level", 1, 0, 9) == 3
     assert opts == {"other": 1}  # taken out: what is left is unknown to the method
     assert int_option(opts, "m", "level", 7, 0, 9) == 7  # absent: the default
+    assert int_option({"level": 4.0}, "m", "level", 1, 0, 9) == 4  # an integral float
     for bad, message in (
         (True, "m option level=True is not an integer"),
         ("x", "m option level='x' is not an integer"),
+        ("2.5", "m option level='2.5' is not an integer"),
+        (2.5, "m option level=2.5 is not an integer"),  # was silently 2
         (10, "m option level=10 is outside 0..9"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):

@@ -83,8 +83,9 @@ def check_bound(method: MultiFDMethod, payload: bytes, npages: int, what: str) -
         f"{method.name}: {what}: a payload of {len(payload)} bytes for {npages} pages ({raw} "
         f"bytes), outside payload_size({raw}) = ({low}, {high})"
         + (
-            ": the payload_size bound is too small (a receiver refuses such a packet with "
-            "BadPacketSize before reading it); return the compressor's worst case"
+            ": the payload_size bound is too small (the sender fails such a packet with "
+            "MethodError before it goes, a receiver would refuse it with BadPacketSize); "
+            "return the compressor's worst case"
             if len(payload) > high
             else ""
         ),
