@@ -118,6 +118,10 @@ class Source:
 
     async def _setup(self, nursery: trio.Nursery) -> None:
         self.main = await self._connect(None)
+        # the header at once: a source failing in its channels' setup then fails the
+        # destination at once (main closed early), not at its connect_timeout
+        self.writer.header()
+        await self._flush_main()
         if self.options.return_path:
             nursery.start_soon(self._read_return_path, self.main, name="return path")
         chans = self.channels
@@ -143,7 +147,6 @@ class Source:
         self.state.start(nursery)
         self.stats.start(sum(b.size for b in self.blocks))
         w = self.writer
-        w.header()
         if self.options.return_path:
             w.open_return_path()
         w.ram_setup([(b.name, b.size) for b in self.blocks])

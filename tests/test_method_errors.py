@@ -138,14 +138,16 @@ async def test_a_method_error_names_the_channel_it_happened_on() -> None:
 
 
 async def test_send_setup_raising_names_its_channel() -> None:
-    # the source dies during its setup: the destination only waits out its connect timeout
+    # the source dies during its setup: its main channel had sent its header, so the
+    # destination fails at once (closed early), not at its connect timeout (far beyond the
+    # harness's 30 s bound here)
     run = await migrate(
-        RaisingMethod(fail="send_setup", after=1), RaisingMethod(), channels=2, connect_timeout=2
+        RaisingMethod(fail="send_setup", after=1), RaisingMethod(), channels=2, connect_timeout=600
     )
     err = method_error(run.src_error, "send_setup")
     assert str(err).startswith("method 'raising', channel 1: ")
     assert (err.channel, err.packet_num) == (1, None)
-    assert run.dst_error is not None
+    assert isinstance(run.dst_error, ChannelClosed), repr(run.dst_error)
 
 
 async def test_recv_setup_raising_names_its_channel() -> None:
