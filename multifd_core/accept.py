@@ -8,7 +8,7 @@ destination; one that is not this migration's (*junk*: end of stream or silence 
 message, neither magic, a failed TLS handshake, another migration's uuid, a bad init packet, a
 second main channel) is closed and logged at WARNING on ``multifd_core.accept``, one line with
 the peer's address and what was wrong, and the migration goes on. Only identified connections
-count towards main + N and towards ``connect_timeout``'s error, which names the last refusal.
+count towards main + N and towards ``connect_timeout``'s error, which names the first refusal.
 Accepting goes on after main + N arrived: a connection that identifies itself as one of this
 migration's channels with an id beyond this side's (a source with more channels than this side)
 or a duplicate id fails the migration with the reason, instead of sitting unread with its pages
@@ -142,7 +142,7 @@ class Connections:
         self._idle.set()
         self._arrived = trio.Event()
         self._accepting = trio.CancelScope()
-        self._last_refusal = ""
+        self._first_refusal = ""
 
     async def run(self, nursery: trio.Nursery) -> None:
         """Accept (in a task of ``nursery``, until :meth:`stop`); MigrationTimeout if main + N
@@ -164,11 +164,12 @@ class Connections:
     def refusals(self) -> str:
         """For an error that a refusal may explain (connections missing, the main channel
         closed early: a source whose channels were all refused): how many connections were
-        refused and the last one's reason; "" when none was."""
+        refused and the first one's reason (a peer refused on one connection often drops its
+        others mid-handshake: their reasons only echo it); "" when none was."""
         refused = self.stats.refused_connections
         if not refused:
             return ""
-        return f"; {refused} other connection(s) refused (the last{self._last_refusal})"
+        return f"; {refused} other connection(s) refused (the first{self._first_refusal})"
 
     async def stop(self) -> None:
         """Stop accepting, then hear out the handshakes still pending (one may be an extra
@@ -251,6 +252,7 @@ class Connections:
 
     def _refuse(self, peer: str | None, junk: Junk) -> None:
         where = f" from {peer}" if peer else ""
-        self._last_refusal = f"{where}: {junk.reason}"
+        if not self._first_refusal:  # the first is the cause; later ones are often its echo
+            self._first_refusal = f"{where}: {junk.reason}"
         self.stats.refuse_connection()
         log.warning("refused a connection%s: %s", where, junk.reason)

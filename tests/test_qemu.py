@@ -362,7 +362,7 @@ def test_uuid_mismatch(lab: qh.Lab, version: str) -> None:
     for line in warnings:
         assert "refused a connection from 127.0.0.1:" in line, line
         assert "UuidMismatch: channel " in line and f"uuid {theirs} does not match {ours}" in line
-    assert "other connection(s) refused (the last from 127.0.0.1:" in error, error
+    assert "other connection(s) refused (the first from 127.0.0.1:" in error, error
     assert f"uuid {theirs} does not match {ours}" in error, error
 
 

@@ -390,7 +390,7 @@ def test_capture_refused(lab: qh.Lab, pki: PKI, version: str, case: str) -> None
         assert save.wait(WAIT) == 1, save.stderr()
         _, error = warnings_then_error(save.stderr(), "qemu-save")
         assert "MigrationTimeout: only 0 of 3 connections" in error, error
-        assert "refused (the last from 127.0.0.1:" in error and "wrong CA?" in error, error
+        assert "refused (the first from 127.0.0.1:" in error and "wrong CA?" in error, error
         assert not snap.exists() or not any(snap.iterdir()), sorted(snap.iterdir())
         return
     good = tls_source(lab, pki, version, name="good")

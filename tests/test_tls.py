@@ -5,7 +5,7 @@ destination's memory and that every connection really was TLS; connections that 
 (wrong CA, wrong hostname, missing or foreign client certificate, plaintext against TLS) end the
 source promptly with a typed error saying why; the destination closes them with a warning saying
 why and goes on (they are not this migration's connections: issue 13), until its connect
-timeout, whose error names the last refusal. Nothing leaves a socket behind.
+timeout, whose error names the first refusal. Nothing leaves a socket behind.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ async def test_ip_address_as_hostname(pki: PKI, no_leaks: None) -> None:
 
 
 # --- refused: the source stops promptly with a typed error saying why; the destination says
-# why in a warning per refused connection, goes on, and its connect timeout names the last one
+# why in a warning per refused connection, goes on, and its connect timeout names the first one
 
 #: the destination's connect timeout in the refused cases: no source is left to come
 REFUSED_CONNECT_TIMEOUT = 2.0
@@ -212,7 +212,7 @@ async def refused(
     caplog: pytest.LogCaptureFixture, server: ssl.SSLContext | None, wrap: Any, **kw: Any
 ) -> tuple[BaseException, str]:
     """A migration whose connections the destination refuses: the source's error, and the
-    destination's first warning (every warning says the same; its error names the last)."""
+    destination's first warning (every warning says the same; its error names the first)."""
     out = await run_migration(server, wrap, connect_timeout=REFUSED_CONNECT_TIMEOUT, **kw)
     assert isinstance(out.src, MultiFDError), f"source: {out.src!r}"
     assert out.src_seconds < PROMPT, out
@@ -223,8 +223,8 @@ async def refused(
     lines = refusals(caplog)
     assert lines, "no warning"
     assert all(line.startswith("refused a connection from 127.0.0.1:") for line in lines)
-    last = lines[-1].removeprefix("refused a connection")  # " from HOST:PORT: why"
-    assert str(out.dst).endswith(f" other connection(s) refused (the last{last})")
+    first = lines[0].removeprefix("refused a connection")  # " from HOST:PORT: why"
+    assert str(out.dst).endswith(f" other connection(s) refused (the first{first})")
     return out.src, lines[0]
 
 
@@ -366,7 +366,7 @@ async def test_destination_handshake_timeout(
     )
     assert str(info.value) == (
         "only 0 of 2 connections (main + 1 channels) arrived within 1.5 s; 1 other "
-        f"connection(s) refused (the last from 127.0.0.1:{port}: MigrationTimeout: sent no "
+        f"connection(s) refused (the first from 127.0.0.1:{port}: MigrationTimeout: sent no "
         "handshake within 0.5 s)"
     )
 
