@@ -78,7 +78,7 @@ async def test_uuid_mismatch(caplog: pytest.LogCaptureFixture) -> None:
     )
     assert str(err) == (
         "only 1 of 3 connections (main + 2 channels) arrived within 1 s; "
-        f"1 other connection(s) refused (the last: {mismatch})"
+        f"1 other connection(s) refused (the first: {mismatch})"
     )
     assert refusals(caplog) == [f"refused a connection: {mismatch}"]
 
@@ -92,7 +92,7 @@ async def test_uuid_mismatch_between_real_ends(caplog: pytest.LogCaptureFixture)
     assert isinstance(run.src_error, ChannelClosed), run.src_error
     assert isinstance(run.dst_error, ChannelClosed) and run.dst_error.channel is None
     assert "closed early" in str(run.dst_error)
-    assert "other connection(s) refused (the last: UuidMismatch: channel " in str(run.dst_error)
+    assert "other connection(s) refused (the first: UuidMismatch: channel " in str(run.dst_error)
     assert refusals(caplog), "no warning"
     assert all("UuidMismatch" in line and "does not match" in line for line in refusals(caplog))
 
@@ -122,7 +122,7 @@ async def test_garbage_connection(caplog: pytest.LogCaptureFixture) -> None:
         await trio.sleep_forever()
 
     err = await expect_destination_error(peer, MigrationTimeout, connect_timeout=1)
-    assert "only 0 of 3" in str(err) and "the last: BadMagic: " in str(err)
+    assert "only 0 of 3" in str(err) and "the first: BadMagic: " in str(err)
     [line] = refusals(caplog)
     assert line.startswith("refused a connection: BadMagic: a connection starts with 47455420")
 
@@ -152,7 +152,7 @@ async def test_silent_connection_times_out(caplog: pytest.LogCaptureFixture) -> 
         peer, MigrationTimeout, handshake_timeout=0.3, connect_timeout=1.5
     )
     assert str(err).startswith("only 0 of 3 connections")
-    assert "the last: MigrationTimeout: sent no handshake within 0.3 s" in str(err)
+    assert "the first: MigrationTimeout: sent no handshake within 0.3 s" in str(err)
     assert refusals(caplog) == [
         "refused a connection: MigrationTimeout: sent no handshake within 0.3 s"
     ]

@@ -21,7 +21,7 @@ qemu-save, a destination too, does the same (issue 13: a connection that fails i
 not the migration's): one warning line saying why per refused connection, and it keeps
 waiting; QEMU fails its outgoing migration (the write after its handshake fails). Checked: a
 good source then captures into it, or (where qemu-save's own CA was wrong) its ``--timeout``
-ends it with an error naming the last refusal. Where QEMU checks (its CA, its host name), it
+ends it with an error naming the first refusal. Where QEMU checks (its CA, its host name), it
 does so after the handshake and closes without an alert: a QEMU source goes ``failed`` with the
 reason in ``error-desc``, a QEMU destination logs it. qemu-save's handshake waits for QEMU's
 first bytes (``TLSAcceptor(first_bytes=True)``), so a close right after the handshake is a

@@ -232,29 +232,41 @@ def test_round_ends_at_the_eos_before_its_footer() -> None:
 
 
 class LateStream(trio.abc.Stream):
-    """A main channel that connects only when its first byte is sent.
+    """A main channel that connects only once every multifd channel has connected.
 
-    ``open_source`` connects main first, then writes every channel's init packet, and only then
-    writes the main stream's header: so with this stream every multifd channel reaches the
-    destination before the main channel does.
+    ``open_source`` connects main first and writes the main stream's header at once; this
+    stream holds what is written to it until ``channels`` channels are in ``order``, then
+    connects and sends it all: so every multifd channel reaches the destination before the
+    main channel does.
     """
 
-    def __init__(self, connect: Connector, order: list[str]) -> None:
+    def __init__(self, connect: Connector, order: list[str], channels: int) -> None:
         self._connect = connect
         self._order = order
+        self._channels = channels
+        self._held = bytearray()
         self._stream: trio.abc.Stream | None = None
 
     async def _get(self) -> trio.abc.Stream:
         if self._stream is None:
             self._stream = await self._connect()
             self._order.append("main")
+            await self._stream.send_all(bytes(self._held))
+            self._held.clear()
         return self._stream
 
+    def _early(self) -> bool:
+        return self._stream is None and len(self._order) < self._channels
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._early():
+            self._held += data
+            return
         await (await self._get()).send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
-        await (await self._get()).wait_send_all_might_not_block()
+        if not self._early():
+            await (await self._get()).wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         return bytes(await (await self._get()).receive_some(max_bytes))
@@ -264,7 +276,7 @@ class LateStream(trio.abc.Stream):
             await self._stream.aclose()
 
 
-def late_main_connector(port: int, order: list[str]) -> Connector:
+def late_main_connector(port: int, order: list[str], channels: int) -> Connector:
     connect = tcp_connector("127.0.0.1", port)
     calls = 0
 
@@ -272,7 +284,7 @@ def late_main_connector(port: int, order: list[str]) -> Connector:
         nonlocal calls
         calls += 1
         if calls == 1:
-            return LateStream(connect, order)
+            return LateStream(connect, order, channels)
         order.append(f"channel {calls - 2}")
         return await connect()
 
@@ -297,7 +309,7 @@ def test_channels_before_main_complete(lab: qh.Lab) -> None:
 
     async def source() -> None:
         with trio.fail_after(20):
-            connect = late_main_connector(save.port, order)
+            connect = late_main_connector(save.port, order, 3)
             async with open_source(blocks, connect, channels=3, method="zstd") as src:
                 await src.send_round()
                 ram[0:5] = b"later"
