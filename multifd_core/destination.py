@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, Unpack
 
 import trio
@@ -26,10 +27,12 @@ from .boundary import library_errors
 from .endpoints import Acceptor, check_endpoint
 from .errors import (
     ChannelClosed,
+    LimitExceeded,
     MigrationTimeout,
     MultiFDError,
     TruncatedStream,
 )
+from .extension import MULTIFD_EXT_PACKET_CHECKSUM
 from .handshake import Handshake, MainChannel, MultiFDChannel
 from .options import DestinationChanges, DestinationOptions
 from .ram import RAMBlock
@@ -37,7 +40,7 @@ from .recv import MultiFDRecvChannel, MultiFDRecvState, payload_bounds, recv_set
 from .stats import MigrationStats, Progress
 from .transport import ChannelIO
 from .watchdog import deadline_watch, watchdog
-from .wire import MULTIFD_EXT_PACKET_CHECKSUM, PacketRules, pages_per_packet
+from .wire import PacketRules, pages_per_packet
 
 #: Seconds a failed destination waits after its SHUT before closing (see ``_shut_failed``).
 SHUT_GRACE = 0.1
@@ -182,9 +185,24 @@ class Destination:
             self.state,
             self.limiter,
             checksums=bool(conn.features & MULTIFD_EXT_PACKET_CHECKSUM),  # integrity.py
+            rules=self._channel_rules(conn),
         )
         self.state.channels[conn.id] = ch
         await ch.multifd_recv_thread()
+
+    def _channel_rules(self, conn: MultiFDChannel) -> PacketRules:
+        """The rules of a channel's packets: QEMU's size, or the one its init packet announced
+        (within ``max_packet_size``)."""
+        pages = conn.packet_pages
+        if not pages or pages == self.rules.max_pages:
+            return self.rules
+        size, limit = pages * self.page_size, self.options.max_packet_size
+        if size > limit and pages > self.rules.max_pages:
+            raise LimitExceeded(
+                f"packets of {pages} pages ({size} bytes) announced, above max_packet_size {limit}",
+                channel=conn.id,
+            )
+        return replace(self.rules, max_pages=pages)
 
     # --- the main channel -------------------------------------------------------------------
 

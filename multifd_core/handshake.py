@@ -72,6 +72,8 @@ class MultiFDChannel:
     id: int
     uuid: bytes
     features: int = 0
+    #: the pages per packet it announced (wire.MULTIFD_EXT_PACKET_PAGES); 0: QEMU's
+    packet_pages: int = 0
 
 
 @dataclass(frozen=True)
@@ -182,4 +184,4 @@ class Handshake:
         if self.source_uuid is None:
             self.source_uuid = init.uuid
         self._ids.add(init.id)
-        return MultiFDChannel(init.id, init.uuid, init.features)
+        return MultiFDChannel(init.id, init.uuid, init.features, init.packet_pages)

@@ -34,9 +34,9 @@ import trio
 import xxhash
 
 from .errors import ConfigError, IntegrityError, ProtocolError
+from .extension import MULTIFD_EXT_CHECKSUM_AT, packet_checksum, set_packet_checksum
 from .methods import Buffer
 from .ram import RAMBlock
-from .wire import MULTIFD_EXT_CHECKSUM_AT, packet_checksum, set_packet_checksum
 
 _AT = MULTIFD_EXT_CHECKSUM_AT
 _END = MULTIFD_EXT_CHECKSUM_AT + 8

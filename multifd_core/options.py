@@ -23,12 +23,21 @@ from .errors import ConfigError
 from .integrity import description_object
 from .methods import MultiFDMethod
 from .registry import MethodRegistry, load_methods
-from .wire import MAX_CHANNELS, check_page_size, uuid_bytes
+from .wire import MAX_CHANNELS, MULTIFD_PACKET_SIZE, check_page_size, uuid_bytes
 
 #: Where a source puts zero pages (QEMU's zero-page-detection): main-stream zero records
 #: ("legacy"), the packets' zero-page list ("multifd", QEMU 9.0+), or nowhere ("none": sent as
 #: normal pages).
 ZERO_PAGE_DETECTION = ("multifd", "legacy", "none")
+
+#: Bytes of pages per packet a source sends to a destination of ours (``packet_size``): four
+#: times QEMU's MULTIFD_PACKET_SIZE, a quarter of the per-packet work (bench/README.md).
+DEFAULT_PACKET_SIZE = 4 * MULTIFD_PACKET_SIZE
+#: The largest packet a destination accepts by default (``max_packet_size``).
+DEFAULT_MAX_PACKET_SIZE = 16 * MULTIFD_PACKET_SIZE
+#: The largest ``packet_size`` / ``max_packet_size`` there is (a packet's buffers are made
+#: per channel, on both ends).
+PACKET_SIZE_LIMIT = 64 << 20
 
 #: The RAM a destination accepts by default (``max_total_bytes``, ``multifd recv --max-size``).
 DEFAULT_MAX_TOTAL_BYTES = 1 << 40
@@ -137,9 +146,15 @@ class SourceOptions(EndOptions):
     #: Needs the description slot: not with ``device_state``; a ``description`` must then be a
     #: JSON object.
     verify: bool = False
+    #: bytes of pages per packet (rounded down to whole pages, at least one). QEMU's
+    #: MULTIFD_PACKET_SIZE (512 KiB) is what QEMU sends and takes; another size is announced in
+    #: each init packet (the multifd-py extension, docs/wire-extensions.md) and needs a
+    #: destination of ours (``max_packet_size``). ``qemu_restore`` sends QEMU's.
+    packet_size: int = DEFAULT_PACKET_SIZE
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_packet_size("packet_size", self.packet_size)
         zpd = self.zero_page_detection
         if zpd is not None and zpd not in ZERO_PAGE_DETECTION:
             raise ConfigError(
@@ -179,10 +194,14 @@ class DestinationOptions(EndOptions):
     #: are checked when the source sends them. Packet checksums are checked whenever a channel
     #: announced them.
     verify: bool = False
+    #: the largest packet (bytes of pages) a source of ours may announce; QEMU's own size is
+    #: always taken.
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_page_size(self.page_size)
+        check_packet_size("max_packet_size", self.max_packet_size)
         for name in ("max_blocks", "max_total_bytes", "max_device_state"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -191,6 +210,13 @@ class DestinationOptions(EndOptions):
             raise ConfigError(
                 f"max_pending_handshakes must be >= 1, not {self.max_pending_handshakes}"
             )
+
+
+def check_packet_size(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer number of bytes, not {value!r}")
+    if not 0 < value <= PACKET_SIZE_LIMIT:
+        raise ConfigError(f"{name} {value} outside 1..{PACKET_SIZE_LIMIT}")
 
 
 def check_known(changes: Mapping[str, object], known: set[str], what: str) -> None:
@@ -235,6 +261,7 @@ class SourceChanges(EndChanges, total=False):
     return_path: bool
     integrity: bool
     verify: bool
+    packet_size: int
 
 
 class DestinationChanges(EndChanges, total=False):
@@ -250,6 +277,7 @@ class DestinationChanges(EndChanges, total=False):
     max_total_bytes: int | None
     zero_page_packets: bool
     verify: bool
+    max_packet_size: int
 
 
 class RestoreChanges(TypedDict, total=False):
@@ -272,9 +300,10 @@ class RestoreChanges(TypedDict, total=False):
 
 
 #: The fields of SourceOptions that ``qemu_restore`` takes from the snapshot (``verify``: its
-#: digests need the description slot, which the device state takes).
+#: digests need the description slot, which the device state takes; ``packet_size``: QEMU
+#: takes its own only).
 FROM_SNAPSHOT = frozenset(
-    {"uuid", "machine_type", "section_id", "device_state", "description", "verify"}
+    {"uuid", "machine_type", "section_id", "device_state", "description", "verify", "packet_size"}
 )
 
 
@@ -286,7 +315,10 @@ RECV_DEFAULTS = DestinationOptions(connect_timeout=60.0)
 
 
 __all__ = [
+    "DEFAULT_MAX_PACKET_SIZE",
     "DEFAULT_MAX_TOTAL_BYTES",
+    "DEFAULT_PACKET_SIZE",
+    "PACKET_SIZE_LIMIT",
     "FROM_SNAPSHOT",
     "DestinationChanges",
     "EndChanges",

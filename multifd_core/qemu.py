@@ -49,6 +49,7 @@ from .outdir import OutputDir, Temp
 from .ram import RAMBlock
 from .source import open_source
 from .stats import MigrationStats
+from .wire import MULTIFD_PACKET_SIZE
 
 FORMAT = "multifd-qemu-save/1"
 MANIFEST = "manifest.json"
@@ -264,6 +265,7 @@ async def qemu_restore(
         integrity=changes.pop("integrity", False),
         **changes,
         uuid=manifest.get("uuid"),
+        packet_size=MULTIFD_PACKET_SIZE,  # QEMU's: it has no other
         machine_type=manifest["machine-type"],
         section_id=int(manifest.get("ram-section-id") or SourceOptions.section_id),
     )

@@ -129,8 +129,11 @@ class MultiFDRecvChannel:
         limiter: trio.CapacityLimiter,
         *,
         checksums: bool = False,
+        rules: PacketRules | None = None,
     ) -> None:
         self.id = id
+        #: its packets' rules: the destination's, or with the pages per packet it announced
+        self.rules = state.rules if rules is None else rules
         self.io = io
         self.method = method
         self.ctx = ctx
@@ -140,7 +143,7 @@ class MultiFDRecvChannel:
         #: its init packet announced packet checksums: check every packet (integrity.py)
         self.checksums = checksums
         self.cstats = state.stats.add_channel(id)
-        rules = state.rules
+        rules = self.rules
         self.landing = PacketLanding(
             io, method, ctx, limiter, rules.max_pages * rules.page_size, rules.payload_size
         )
@@ -177,7 +180,7 @@ class MultiFDRecvChannel:
 
     async def _run(self) -> None:
         state = self.state
-        rules = state.rules
+        rules = self.rules
         header = bytearray(rules.header_size)
         hview = memoryview(header)
         while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from functools import partial
 from typing import Unpack
 
@@ -18,7 +19,6 @@ import trio
 from . import dialect as _dialect
 from . import integrity, scan
 from . import mainstream as ms
-from . import returnpath as rp
 from .bitmap import PageBitmap
 from .boundary import library_errors
 from .endpoints import Connector, check_endpoint, open_stream
@@ -28,16 +28,17 @@ from .errors import (
     ConfigError,
     DestinationFailed,
     MigrationTimeout,
-    ProtocolError,
 )
+from .extension import MULTIFD_EXT_PACKET_CHECKSUM, MULTIFD_EXT_PACKET_PAGES
 from .methods import MultiFDMethod
 from .options import SourceChanges, SourceOptions
 from .ram import RAMBlock
+from .rpreader import ReturnPathReader, shut_failed
 from .send import MultiFDSendChannel, MultiFDSendState, send_setup
 from .stats import MigrationStats, Progress
 from .transport import ChannelIO
 from .watchdog import deadline_watch, watchdog
-from .wire import MULTIFD_EXT_PACKET_CHECKSUM, MultiFDInit, pages_per_packet, uuid_bytes
+from .wire import MultiFDInit, packet_pages, pages_per_packet, uuid_bytes
 
 #: Main-channel bytes buffered before they are written out mid-round.
 MAIN_FLUSH_BYTES = 256 * 1024
@@ -67,7 +68,8 @@ class Source:
         self.method: MultiFDMethod = options.resolve_method()
         self.uuid = uuid_bytes(options.uuid)
         self.page_size = self.blocks[0].page_size
-        self.pages_per_packet = pages_per_packet(self.page_size)
+        #: pages per packet: QEMU's, or (announced in the init packets) ``packet_size``'s
+        self.pages_per_packet = packet_pages(options.packet_size, self.page_size)
         self.stats = MigrationStats("source", options.channels, self.method.name, self.page_size)
         self.writer = ms.MainStreamWriter(
             machine_type=options.machine_type,
@@ -81,11 +83,7 @@ class Source:
         self.state: MultiFDSendState | None = None
         self.completed = False
         self._busy = False
-        #: the status of the destination's SHUT on the return path, once it came
-        self.shut_status: int | None = None
-        self._shut = trio.Event()  # SHUT came, or the return path ended
-        self.pongs = 0  # PONGs read: the destination was reading the stream
-        self._rp_parser = rp.ReturnPathParser()
+        self.return_path = ReturnPathReader()  # the destination's messages, with return_path
         self._digest_seconds = 0.0  # how long the content digests took (verify)
         #: the watchdog and the deadline, cancelled once the migration completed
         self._watching = trio.CancelScope()
@@ -123,13 +121,16 @@ class Source:
         self.writer.header()
         await self._flush_main()
         if self.options.return_path:
-            nursery.start_soon(self._read_return_path, self.main, name="return path")
+            nursery.start_soon(self.return_path.read, self.main, name="return path")
         chans = self.channels
         checksums = self.options.integrity
         features = MULTIFD_EXT_PACKET_CHECKSUM if checksums else 0
+        if self.pages_per_packet != pages_per_packet(self.page_size):
+            features |= MULTIFD_EXT_PACKET_PAGES
+        init = MultiFDInit(0, self.uuid, features=features, packet_pages=self.pages_per_packet)
         for i in range(self.num_channels):
             io = await self._connect(i)
-            await io.send_all(MultiFDInit(i, self.uuid, features=features).encode())  # at accept
+            await io.send_all(replace(init, id=i).encode())  # at accept
             chans.append(
                 MultiFDSendChannel(
                     i,
@@ -219,46 +220,17 @@ class Source:
 
     # --- the return path --------------------------------------------------------------------
 
-    async def _read_return_path(self, io: ChannelIO) -> None:
-        """The destination's messages on the main channel's connection, until its SHUT: one
-        with a failure status fails the migration at once (DestinationFailed). A return path
-        that ends without a SHUT is judged by the sends and ``complete()``."""
-        parser = self._rp_parser
-        try:
-            while True:
-                msg = parser.next_message()
-                if msg is None:
-                    try:
-                        data = await io.receive_back()
-                    except ChannelError:
-                        return
-                    if not data:
-                        return
-                    parser.feed(data)
-                elif msg.type == rp.MIG_RP_MSG_SHUT:
-                    self._on_shut(msg.value)
-                    return
-                elif msg.type == rp.MIG_RP_MSG_PONG:
-                    self.pongs += 1
-                elif msg.type != rp.MigRpMsg.SWITCHOVER_ACK:
-                    raise ProtocolError(f"return path: unexpected {msg.name}")
-        finally:
-            self._shut.set()
-
-    def _on_shut(self, status: int | None) -> None:
-        self.shut_status = status
-        if status:
-            raise DestinationFailed(
-                f"the destination refused the migration (return path SHUT, status {status})",
-                shut_status=status,
-            )
+    @property
+    def shut_status(self) -> int | None:
+        """The status of the destination's SHUT on the return path, once it came."""
+        return self.return_path.shut_status
 
     async def explain(self, exc: ChannelError) -> None:
         """A send failed: when the destination had read the stream (it answered a PING), its
         return path says why (bounded): DestinationFailed from ``exc``, its SHUT's status or
         none. Otherwise (the destination never read a byte, or the link or peer stalled: nothing
         will come) ``exc`` stands; the wait is bounded by the idle timeout too."""
-        if not (self.options.return_path and self.pongs) or self.main is None:
+        if not (self.options.return_path and self.return_path.pongs) or self.main is None:
             return
         if isinstance(exc, ChannelStalled):
             return
@@ -270,10 +242,10 @@ class Source:
         )
         try:
             with trio.move_on_after(bound):
-                await self._read_return_path(self.main)
+                await self.return_path.read(self.main)
         except DestinationFailed as failed:
             raise failed from exc
-        if self.shut_status is None:
+        if self.return_path.shut_status is None:
             raise DestinationFailed(_NO_SHUT) from exc
 
     async def _await_shut(self) -> None:
@@ -281,11 +253,14 @@ class Source:
         # side took for the same work, give or take (VERIFY_SLACK)
         timeout = self.options.return_path_timeout + VERIFY_SLACK * self._digest_seconds
         with trio.move_on_after(timeout):
-            await self._shut.wait()
-        if not self._shut.is_set():
+            await self.return_path.shut.wait()
+        if not self.return_path.shut.is_set():
             raise MigrationTimeout(f"no SHUT from the destination within {timeout} s of the end")
-        if self.shut_status is None:
+        status = self.return_path.shut_status
+        if status is None:
             raise DestinationFailed(_NO_SHUT)
+        if status:  # the reader raises it in its own task too; this one must not complete
+            raise DestinationFailed(shut_failed(status), shut_status=status)
 
     @staticmethod
     def _release(nursery: trio.Nursery, block: RAMBlock, pages: tuple[int, int]) -> None:

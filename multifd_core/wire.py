@@ -31,6 +31,7 @@ from .errors import (
     UnknownBlock,
     UuidMismatch,
 )
+from .extension import MAX_PACKET_PAGES, pack_init_extension, unpack_init_extension
 
 MULTIFD_MAGIC = 0x11223344
 MULTIFD_VERSION = 1
@@ -69,33 +70,11 @@ RAMBLOCK_NAME_MAX = RAMBLOCK_NAME_FIELD - 1
 MAX_CHANNELS = 256  # the id is one byte
 
 _INIT = struct.Struct(">II16sB39x")
-#: The multifd-py extension in the init packet's unused2[0] (bytes 32..39): marker, version,
-#: feature bits (docs/wire-extensions.md).
-_INIT_EXT = struct.Struct(">4sHH")
-_INIT_EXT_AT = 32
 _HEAD = struct.Struct(">IIIIIIQ")  # magic .. packet_num: 32 bytes
 _ZERO_PAGES = struct.Struct(">I")  # QEMU 9.0+: zero_pages at offset 32
 _RAMBLOCK_AT = 64
 _OFFSETS_AT = MULTIFD_PACKET_FIXED_SIZE
 ZERO_UUID = bytes(16)
-
-# --- the multifd-py extension (between our own ends; docs/wire-extensions.md) ---------------
-#
-# A QEMU peer never reads these bytes: QEMU 7.2 and 10.0 write zeros there and ignore them. So
-# zeros (a QEMU source, or ours with integrity off) mean "no extension", and only the marker
-# with a known version turns a feature on.
-
-#: In MultiFDInit_t's unused2[0] (bytes 32..35): the extension is present.
-MULTIFD_EXT_MARKER = b"MFPY"
-#: The extension's layout version (bytes 36..37); any other version is refused.
-MULTIFD_EXT_VERSION = 1
-#: Feature bit (bytes 38..39): every packet on the channel carries MULTIFD_EXT_CHECKSUM_AT.
-MULTIFD_EXT_PACKET_CHECKSUM = 1 << 0
-MULTIFD_EXT_KNOWN_FEATURES = MULTIFD_EXT_PACKET_CHECKSUM
-#: Where a packet's checksum sits: a be64 in the bytes neither QEMU uses (7.2's unused[1],
-#: 10.0's unused64[0]); see integrity.py for what it covers.
-MULTIFD_EXT_CHECKSUM_AT = 40
-_CHECKSUM = struct.Struct(">Q")
 
 
 def compression_flags(value: int) -> int:
@@ -114,6 +93,11 @@ def pages_per_packet(page_size: int) -> int:
     """QEMU's page_count: pages of ``page_size`` in one MULTIFD_PACKET_SIZE packet."""
     check_page_size(page_size)
     return max(1, MULTIFD_PACKET_SIZE // page_size)
+
+
+def packet_pages(packet_size: int, page_size: int) -> int:
+    """Pages of ``page_size`` in a packet of ``packet_size`` bytes of pages (at least one)."""
+    return min(MAX_PACKET_PAGES, max(1, packet_size // page_size))
 
 
 def packet_header_size(pages_alloc: int) -> int:
@@ -157,43 +141,22 @@ class MultiFDInit:
     """The 64-byte init packet that opens every multifd channel.
 
     ``features``: the multifd-py extension's feature bits (MULTIFD_EXT_*); 0 sends QEMU's own
-    bytes (zeros where the extension would be)."""
+    bytes (zeros where the extension would be). ``packet_pages``: with
+    MULTIFD_EXT_PACKET_PAGES, the pages each of the channel's packets has room for."""
 
     id: int
     uuid: bytes = ZERO_UUID
     magic: int = MULTIFD_MAGIC
     version: int = MULTIFD_VERSION
     features: int = 0
+    packet_pages: int = 0
 
     def encode(self) -> bytes:
         if not 0 <= self.id < MAX_CHANNELS:
             raise ConfigError(f"channel id {self.id} outside 0..{MAX_CHANNELS - 1}")
-        if self.features & ~MULTIFD_EXT_KNOWN_FEATURES:
-            raise ConfigError(f"unknown multifd-py extension features {self.features:#x}")
         buf = bytearray(_INIT.pack(self.magic, self.version, self.uuid, self.id))
-        if self.features:
-            _INIT_EXT.pack_into(
-                buf, _INIT_EXT_AT, MULTIFD_EXT_MARKER, MULTIFD_EXT_VERSION, self.features
-            )
+        pack_init_extension(buf, self.features, self.packet_pages)
         return bytes(buf)
-
-
-def _init_features(buf: bytes | bytearray | memoryview, chan_id: int) -> int:
-    """The extension's feature bits in an init packet: 0 without the marker (QEMU's zeros)."""
-    marker, version, features = _INIT_EXT.unpack_from(buf, _INIT_EXT_AT)
-    if marker != MULTIFD_EXT_MARKER:
-        return 0
-    if version != MULTIFD_EXT_VERSION:
-        raise BadVersion(
-            f"channel {chan_id}: multifd-py extension version {version}, "
-            f"expected {MULTIFD_EXT_VERSION}"
-        )
-    if features & ~MULTIFD_EXT_KNOWN_FEATURES:
-        raise BadFlags(
-            f"channel {chan_id}: unknown multifd-py extension features "
-            f"{features & ~MULTIFD_EXT_KNOWN_FEATURES:#x}"
-        )
-    return int(features)
 
 
 def decode_init(
@@ -220,7 +183,8 @@ def decode_init(
         )
     if chan_id >= num_channels:
         raise BadChannelId(f"channel id {chan_id} outside 0..{num_channels - 1}")
-    return MultiFDInit(id=chan_id, uuid=uuid, features=_init_features(buf, chan_id))
+    features, pages = unpack_init_extension(buf, chan_id)
+    return MultiFDInit(id=chan_id, uuid=uuid, features=features, packet_pages=pages)
 
 
 # --- MultiFDPacket_t ------------------------------------------------------------------------
@@ -287,17 +251,6 @@ class MultiFDPacket:
         if npages:
             _offsets_struct(npages).pack_into(buf, _OFFSETS_AT, *self.offsets)
         return bytes(buf)
-
-
-def packet_checksum(header: bytes | bytearray | memoryview) -> int:
-    """The checksum field of a packet header (meaningful on a channel that announced
-    MULTIFD_EXT_PACKET_CHECKSUM)."""
-    return int(_CHECKSUM.unpack_from(header, MULTIFD_EXT_CHECKSUM_AT)[0])
-
-
-def set_packet_checksum(header: bytearray, value: int) -> None:
-    """Write ``value`` into the checksum field of an encoded packet header."""
-    _CHECKSUM.pack_into(header, MULTIFD_EXT_CHECKSUM_AT, value)
 
 
 @lru_cache(maxsize=1024)

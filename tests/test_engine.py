@@ -10,6 +10,7 @@ from fault_streams import DyingStream, SlowStream, counting
 
 from multifd_core import MemoryNetwork, RAMBlock, open_source
 from multifd_core.errors import ChannelClosed, ChannelError, ConfigError
+from multifd_core.options import DEFAULT_PACKET_SIZE
 from multifd_core.testing import (
     DestinationRun,
     Link,
@@ -20,6 +21,7 @@ from multifd_core.testing import (
     run_destination,
     run_loopback,
 )
+from multifd_core.wire import MULTIFD_PACKET_SIZE
 
 TIMEOUT = 60
 
@@ -33,6 +35,7 @@ async def run_migration(
     dirty_per_round: int = 0,
     seed: int = 7,
     dest_blocks: list[RAMBlock] | None = None,
+    packet_size: int = DEFAULT_PACKET_SIZE,
 ) -> LoopbackRun:
     """Migrate ``blocks`` in ``rounds`` rounds, ``dirty_per_round`` pages of each block
     changing between rounds; raises either end's error."""
@@ -42,7 +45,7 @@ async def run_migration(
         transport=transport,
         rounds=rounds,
         between_rounds=lambda r, _: dirty_blocks(blocks, dirty_per_round, rng, r),
-        source={"channels": channels},
+        source={"channels": channels, "packet_size": packet_size},
         destination={
             "channels": channels,
             "page_size": blocks[0].page_size,
@@ -117,8 +120,13 @@ async def test_file_blocks_written_inline_until_a_write_is_slow(
     blocks = image_blocks({"ram": 16 << 20}, 4096)
     target = RAMBlock.from_file("ram", tmp_path / "ram.img", 16 << 20, create=True)
     try:
-        res = await run_migration(
-            blocks, channels=2, rounds=3, dirty_per_round=50, dest_blocks=[target]
+        res = await run_migration(  # QEMU's packets: enough of them to see the switch
+            blocks,
+            channels=2,
+            rounds=3,
+            dirty_per_round=50,
+            dest_blocks=[target],
+            packet_size=MULTIFD_PACKET_SIZE,
         )
         assert res.dst_blocks["ram"] is target
     finally:

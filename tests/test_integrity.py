@@ -34,18 +34,18 @@ from multifd_core.errors import (
     DestinationFailed,
     IntegrityError,
 )
+from multifd_core.extension import MULTIFD_EXT_PACKET_CHECKSUM, packet_checksum
 from multifd_core.integrity import DIGESTS_KEY, PacketCheck, block_digest, hash_pages, seal
 from multifd_core.qemu import qemu_restore
 from multifd_core.testing import Link, LoopbackRun, run_loopback
 from multifd_core.wire import (
-    MULTIFD_EXT_PACKET_CHECKSUM,
     MULTIFD_FLAG_SYNC,
     MULTIFD_INIT_SIZE,
     MULTIFD_MAGIC_BYTES,
+    MULTIFD_PACKET_SIZE,
     MultiFDInit,
     MultiFDPacket,
     decode_init,
-    packet_checksum,
 )
 
 if os.fspath(Path(__file__).resolve().parent) not in sys.path:  # for the harness
@@ -100,7 +100,7 @@ def test_init_extension_refusals() -> None:
     with pytest.raises(BadFlags, match="unknown multifd-py extension features 0x8000"):
         decode_init(good[:38] + b"\x80\x01" + good[40:], num_channels=1)
     with pytest.raises(ConfigError, match="unknown"):
-        MultiFDInit(0, features=2).encode()
+        MultiFDInit(0, features=4).encode()
 
 
 def test_packet_checksum_rule() -> None:
@@ -149,7 +149,7 @@ async def test_integrity_off_sends_qemus_bytes_and_on_only_the_reserved_ones() -
         await run_loopback(
             [random_block(1 << 20)],
             rounds=2,
-            source={"channels": 1, "integrity": on},
+            source={"channels": 1, "integrity": on, "packet_size": MULTIFD_PACKET_SIZE},
             destination={"channels": 1},
             wrap_connect=counting(lambda n, s, got=got: Recorder(s, got)),
             timeout=30,
@@ -297,7 +297,8 @@ async def corrupted_run(at: int, **destination: Any) -> LoopbackRun:
         return await run_loopback(
             [random_block()],
             transport=link,
-            source={"channels": 2, "return_path": True},
+            # QEMU's packets: the offsets above count 1344-byte headers
+            source={"channels": 2, "return_path": True, "packet_size": MULTIFD_PACKET_SIZE},
             destination={"channels": 2, **destination},
             capture_errors=True,
             timeout=30,

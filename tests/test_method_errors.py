@@ -29,6 +29,7 @@ from multifd_core.errors import (
     MultiFDError,
 )
 from multifd_core.testing import LoopbackRun, run_loopback
+from multifd_core.wire import MULTIFD_PACKET_SIZE
 
 PS = 4096
 #: 8 full packets of random pages; with one channel packet 0 is the setup's SYNC, so the data
@@ -53,7 +54,13 @@ async def migrate(
     return await run_loopback(
         [random_block()],
         transport="tcp",
-        source={"channels": channels, "method": src, "return_path": return_path},
+        # QEMU's 128-page packets: the packet numbers above count them
+        source={
+            "channels": channels,
+            "method": src,
+            "return_path": return_path,
+            "packet_size": MULTIFD_PACKET_SIZE,
+        },
         destination={"channels": channels, "method": dst, **dst_options},
         capture_errors=True,
         timeout=30,
@@ -230,7 +237,7 @@ def test_cli_prints_one_line_for_a_plugin_that_raises(tmp_path: Any, case: str) 
     send_opts, recv_opts, failing = CLI_CASES[case]
     method = ["--compression", "raising"]
     send_rc, send_err, recv_rc, recv_err, out, _ = cli_pair(
-        tmp_path, [*method, *send_opts], [*method, *recv_opts]
+        tmp_path, [*method, "--packet-size", "512K", *send_opts], [*method, *recv_opts]
     )
     assert send_rc == 1 and recv_rc == 1, (send_err, recv_err)
     sent = one_line_error(Result(send_rc, "", send_err), "send")

@@ -15,11 +15,11 @@ import trio
 
 from multifd_core import MigrationStats, Progress, RAMBlock
 from multifd_core.image import dirty_some_pages
+from multifd_core.options import DEFAULT_PACKET_SIZE
 from multifd_core.testing import LoopbackRun, image_blocks, run_loopback
 
 PS = 4096
-#: pages per packet at 4 KiB pages (QEMU's 512 KiB packets)
-PACKET = 128
+PACKET = DEFAULT_PACKET_SIZE // PS  # pages per packet between our own ends
 
 
 class Poll:

@@ -29,6 +29,7 @@ _SOURCE_ONLY = {
     "return_path": "return_path",
     "integrity": "integrity",
     "verify_digests": "verify",
+    "packet_size": "packet_size",
 }
 _DESTINATION_ONLY = {
     "uuid": "uuid",
@@ -36,6 +37,7 @@ _DESTINATION_ONLY = {
     "max_size": "max_total_bytes",
     "page_size": "page_size",
     "verify_digests": "verify",
+    "max_packet_size": "max_packet_size",
 }
 
 

@@ -247,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
         "recv` checks after the pages landed)",
     )
     _verify(p, send=True)
+    p.add_argument(
+        "--packet-size",
+        type=parse_size,
+        default=SourceOptions.packet_size,
+        metavar="SIZE",
+        help=f"bytes of pages per packet (default {size_text(SourceOptions.packet_size)}; "
+        "QEMU's is 512K; a `multifd recv` takes up to its --max-packet-size)",
+    )
 
     p = sub.add_parser("recv", help="receive files from a `multifd send`")
     _common(p)
@@ -259,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="refuse a source announcing more bytes than this in all "
         f"(default {size_text(DEFAULT_MAX_TOTAL_BYTES)})",
+    )
+    p.add_argument(
+        "--max-packet-size",
+        type=parse_size,
+        default=DestinationOptions.max_packet_size,
+        metavar="SIZE",
+        help="refuse a source announcing larger packets "
+        f"(default {size_text(DestinationOptions.max_packet_size)})",
     )
     _verify(p, send=False)
 

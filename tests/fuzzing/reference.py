@@ -11,7 +11,7 @@ channel announced the blocks).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import xxhash
@@ -19,8 +19,9 @@ import xxhash
 from multifd_core import MultiFDMethod, load_methods
 from multifd_core import mainstream as ms
 from multifd_core.errors import BadVersion, MultiFDError
+from multifd_core.extension import MULTIFD_EXT_PACKET_CHECKSUM
+from multifd_core.options import DestinationOptions
 from multifd_core.wire import (
-    MULTIFD_EXT_PACKET_CHECKSUM,
     MULTIFD_INIT_SIZE,
     MULTIFD_MAGIC_BYTES,
     PacketRules,
@@ -29,7 +30,7 @@ from multifd_core.wire import (
     pages_per_packet,
 )
 
-from .recordings import HEADER, PS, QEVM
+from .recordings import PS, QEVM
 
 _REGISTRY = None
 
@@ -150,12 +151,8 @@ def _model(
 ) -> Verdict:
     writes = _Writes()
     blocks, rounds = _read_main(main, given, max_device_state, writes)
-    checked = {
-        cid
-        for cid, data in by_id.items()
-        if decode_init(data[:MULTIFD_INIT_SIZE], num_channels=256).features
-        & MULTIFD_EXT_PACKET_CHECKSUM
-    }
+    inits = {cid: decode_init(d[:MULTIFD_INIT_SIZE], num_channels=256) for cid, d in by_id.items()}
+    checked = {cid for cid, init in inits.items() if init.features & MULTIFD_EXT_PACKET_CHECKSUM}
     method = method_named(method_name)
     rules = PacketRules(
         page_size=PS,
@@ -169,13 +166,24 @@ def _model(
         ctx = method.recv_setup(cid)
         try:
             chan = _Channel(cid, data, cid in checked)
-            _model_channel(chan, rules, sizes, method, ctx, rounds, writes, racy)
+            chan_rules = _channel_rules(rules, inits[cid].packet_pages, cid)
+            _model_channel(chan, chan_rules, sizes, method, ctx, rounds, writes, racy)
         finally:
             ctx.recv_cleanup()
     if checked and writes.raced:
         racy.append(f"{len(writes.raced)} page(s) written differently by two sources in a round")
     status = "racy" if racy else "valid"
     return Verdict(status, "; ".join(racy), blocks, _final(writes))
+
+
+def _channel_rules(rules: PacketRules, pages: int, cid: int) -> PacketRules:
+    """A channel's packets: QEMU's size, or the pages its init packet announced, up to the
+    destination's max_packet_size (the DestinationOptions default) when above QEMU's."""
+    if not pages or pages == rules.max_pages:
+        return rules
+    if pages > rules.max_pages and pages * PS > DestinationOptions().max_packet_size:
+        raise _Invalid(f"channel {cid}: packets of {pages} pages above max_packet_size")
+    return replace(rules, max_pages=pages)
 
 
 def _junk(conn: bytes) -> bool:
@@ -332,12 +340,13 @@ def _model_channel(
     syncs = 0
     source = f"ch{cid}"
     view = memoryview(data)
+    size = rules.header_size
     while pos < len(data):
-        if len(data) - pos < HEADER:
+        if len(data) - pos < size:
             raise _Invalid(f"channel {cid}: short header")
-        header = view[pos : pos + HEADER]
+        header = view[pos : pos + size]
         packet = decode_packet(header, rules, sizes)
-        pos += HEADER
+        pos += size
         if packet.normal_pages or packet.zero_pages:
             _check_order(cid, syncs, rounds, racy)
         pages = b""
