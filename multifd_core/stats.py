@@ -14,6 +14,7 @@ it, counted per packet, and the totals across rounds.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -130,6 +131,13 @@ class MigrationStats:
     refused_connections: int = 0  # destination: connections closed as not this migration's
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
+    #: CPU seconds of the whole process and of the thread running this end's event loop (the
+    #: one that made the stats), from here to ``finish`` (cpu_seconds): where the engine's own
+    #: Python runs, against what its worker threads and the kernel do for it
+    cpu_started: tuple[float, float, int] = field(
+        default_factory=lambda: (time.process_time(), time.thread_time(), threading.get_ident())
+    )
+    cpu_seconds: tuple[float, float | None] | None = None
     error: str | None = None
     per_channel: list[ChannelStats] = field(default_factory=list)
     #: source: pages the round in progress (or the last one) sends, from its dirty bitmaps
@@ -273,6 +281,12 @@ class MigrationStats:
     def finish(self, status: MigrationStatus, error: BaseException | None = None) -> None:
         if self.ended is None:
             self.ended = time.monotonic()
+            process, loop, thread = self.cpu_started
+            same = threading.get_ident() == thread  # thread_time is the calling thread's
+            self.cpu_seconds = (
+                time.process_time() - process,
+                time.thread_time() - loop if same else None,
+            )
         self.status = status
         if error is not None:
             self.error = str(error) or type(error).__name__
@@ -309,6 +323,12 @@ class MigrationStats:
             "per-channel": [vars(c).copy() for c in self.per_channel],
             "refused-connections": self.refused_connections,
         }
+        if self.cpu_seconds is not None:
+            process, loop = self.cpu_seconds
+            out["cpu-seconds"] = {
+                "process": round(process, 4),
+                "event-loop": None if loop is None else round(loop, 4),
+            }
         if self.error:
             out["error-desc"] = self.error
         return out

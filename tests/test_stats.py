@@ -12,6 +12,7 @@ import trio
 from multifd_core import MemoryNetwork, MigrationStats, RAMBlock, open_destination, open_source
 from multifd_core.image import dirty_some_pages, vm_like_image
 from multifd_core.stats import ChannelStats
+from multifd_core.testing import run_loopback
 
 CORE = Path(__file__).resolve().parent.parent / "multifd_core"
 COUNTERS = {f.name for f in dataclasses.fields(MigrationStats)} | {
@@ -100,3 +101,28 @@ async def test_both_ends_count_the_same_rounds() -> None:
     assert stats.as_dict()["ram"]["dirty-sync-count"] == 3
     assert done[0].zero_pages == stats.zero_pages and done[0].normal_pages == stats.normal_pages
     assert done[0].packets == stats.packets and done[0].multifd_bytes == stats.multifd_bytes
+
+
+async def test_cpu_seconds_of_the_process_and_of_the_event_loop() -> None:
+    """Both ends say how much CPU their process and their event loop's thread spent, from
+    opening to the end; the loop's share of a migration that copies pages is real work."""
+    block = RAMBlock("ram", bytearray(random.Random(5).randbytes(8 << 20)), 4096)
+    run = await run_loopback([block], transport="tcp", timeout=30)
+    for stats in (run.src_stats, run.dst_stats):
+        assert stats is not None and stats.cpu_seconds is not None
+        process, loop = stats.cpu_seconds
+        assert loop is not None and 0 < loop <= process + 0.01
+        shown = stats.as_dict()["cpu-seconds"]
+        assert shown == {"process": round(process, 4), "event-loop": round(loop, 4)}
+
+
+def test_cpu_seconds_of_a_loop_finished_from_another_thread_are_unknown() -> None:
+    import threading
+
+    stats = MigrationStats("source", 1, "none", 4096)
+    assert "cpu-seconds" not in stats.as_dict()  # not finished
+    worker = threading.Thread(target=stats.finish, args=("failed",))
+    worker.start()
+    worker.join()
+    assert stats.cpu_seconds is not None and stats.cpu_seconds[1] is None
+    assert stats.as_dict()["cpu-seconds"]["event-loop"] is None
