@@ -750,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     meta["images"] = bench.images.info if bench.images else {}
     meta["load_after"] = load_average()
+    if meta["load_after"] is not None and meta["load_after"] >= 1.5:
+        bench.note(f"load average {meta['load_after']:.2f} at the end: figures may be noisy")
     meta["seconds"] = round(time.monotonic() - started, 1)
     summary = summarize(bench.doc)
     doc: dict[str, Any] = {"meta": meta, "summary": summary, "runs": bench.doc}
