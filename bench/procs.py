@@ -62,6 +62,14 @@ class Child:
         return float(self.rusage.ru_utime + self.rusage.ru_stime) if self.rusage else 0.0
 
     @property
+    def user_seconds(self) -> float:
+        return float(self.rusage.ru_utime) if self.rusage else 0.0
+
+    @property
+    def sys_seconds(self) -> float:
+        return float(self.rusage.ru_stime) if self.rusage else 0.0
+
+    @property
     def max_rss_bytes(self) -> int:
         return int(self.rusage.ru_maxrss) * 1024 if self.rusage else 0
 

@@ -3,10 +3,11 @@
 
     .venv/bin/python bench/run.py [--quick] [--reps N] [--json FILE] [--only SECTION,...]
 
-Sections: python (Python -> Python over loopback, two processes), iperf3, qemu (QEMU 7.2 -> QEMU
-7.2), qemu-save (QEMU 7.2 -> ``multifd qemu-save``), codec (each codec in one thread). See
-bench/README.md for what every figure means. Nothing here asserts on time: it measures and
-reports, and marks each target MET / NOT MET.
+Sections: launch (fresh processes' start-up), codec (each codec in one thread), iperf3, python
+(Python -> Python over loopback, two processes), integrity (packet checksums and --verify), demo
+(``multifd demo`` against send -> recv), qemu (QEMU 7.2 -> QEMU 7.2), qemu-save (QEMU 7.2 ->
+``multifd qemu-save``). See bench/README.md for what every figure means. Nothing here asserts on
+time: it measures and reports; targets.py marks each target MET / NOT MET, report.py prints.
 """
 
 from __future__ import annotations
@@ -16,19 +17,19 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common import Config, GiB, Images, MiB, files_equal, load_average, log
 from procs import (
     BenchError,
     Child,
@@ -37,15 +38,15 @@ from procs import (
     wait_for_listen,
     wait_for_ready_file,
 )
-from qmp import QMP
+from qemu_runs import QEMU_MAX_BANDWIDTH, QemuRuns
+from report import report
+from summary import summarize
+from targets import CODEC_METHODS, QEMU_BEST_OF, QEMU_CHANNELS, QEMU_METHODS, comparisons
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-MiB = 1 << 20
-GiB = 1 << 30
-SECTIONS = ("codec", "iperf3", "python", "integrity", "qemu", "qemu-save")
+SECTIONS = ("launch", "codec", "iperf3", "python", "integrity", "demo", "qemu", "qemu-save")
 PY_METHODS = ("none", "zlib", "zstd", "lz4")
-QEMU_METHODS = ("none", "zlib", "zstd")
 INTEGRITY_METHODS = ("none", "zstd")
 #: integrity section: mode -> (send's options, recv's options); packet checksums are on by default
 INTEGRITY_MODES = {
@@ -53,94 +54,14 @@ INTEGRITY_MODES = {
     "on": ([], []),
     "on+verify": (["--verify"], ["--verify"]),
 }
-CODEC_METHODS = ("zlib", "zstd", "lz4")
-LOAD_GUEST_ADDR = 0x100000  # where -device loader puts the pattern in the guest
-RSS_SLACK = 64 * MiB
-QEMU_MAX_BANDWIDTH = 100 * GiB  # bytes/s for the QEMU source: unthrottled (default 128 MiB/s)
+#: demo section: (image size, method, channels) of a full run, and of --quick
+DEMO_CONFIGS = ((256 * MiB, "none", 2), (GiB, "zstd", 2))
+DEMO_CONFIGS_QUICK = ((256 * MiB, "none", 2),)
+DEMO_BIOS = 256 << 10  # the demo's second block (pc.bios), sent as a second file by `send`
+LAUNCH_REPS, LAUNCH_REPS_QUICK = 10, 5  # fresh processes per launch command
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def median(values: Iterable[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    m = statistics.median(vals)
-    if all(isinstance(v, int) for v in vals) and float(m).is_integer():
-        return int(m)
-    return m
-
-
-def load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
-
-
-def files_equal(a: Path, b: Path, offset_a: int = 0, length: int | None = None) -> bool:
-    """Compare ``length`` bytes of ``a`` from ``offset_a`` with ``b`` (all of it by default),
-    reading into two reused buffers (no mapping: keeps this process's RSS small)."""
-    size_b = b.stat().st_size
-    if length is None:
-        if a.stat().st_size - offset_a != size_b:
-            return False
-        length = size_b
-    elif size_b < length:
-        return False
-    chunk = 8 * MiB
-    buf_a, buf_b = bytearray(chunk), bytearray(chunk)
-    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
-        fa.seek(offset_a)
-        left = length
-        while left:
-            n = min(chunk, left)
-            va, vb = memoryview(buf_a)[:n], memoryview(buf_b)[:n]
-            if fa.readinto(va) != n or fb.readinto(vb) != n or va != vb:
-                return False
-            left -= n
-    return True
-
-
-# --- configuration ------------------------------------------------------------------------
-
-
-@dataclass
-class Config:
-    quick: bool
-    reps: int
-    image_size: int
-    pattern_size: int
-    random_size: int
-    zero_size: int
-    channels: tuple[int, ...]
-    qemu_channels: tuple[int, ...]
-    sections: tuple[str, ...]
-    verify: bool
-    workdir_parent: Path
-    multifd: str
-    qemu: str | None
-    iperf3: str | None
-    methods: tuple[str, ...] = ()  # installed, among PY_METHODS
-
-    @property
-    def guest_mib(self) -> int:
-        return self.image_size // MiB
-
-
-@dataclass
-class Images:
-    workdir: Path
-    vm: Path | None = None
-    pattern: Path | None = None
-    random: Path | None = None
-    zero: Path | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-class Bench:
+class Bench(QemuRuns):
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.children = Children()
@@ -221,6 +142,24 @@ class Bench:
             )
             im.zero = workdir / "zero.img"
             im.info["zero"] = self.helper("gen-zero", str(im.zero), str(cfg.zero_size), timeout=600)
+        if "demo" in cfg.sections:
+            for size in sorted({size for size, _, _ in cfg.demo_configs}):
+                self.make_demo_image(size)
+
+    def make_demo_image(self, size: int) -> None:
+        """What `multifd demo --size SIZE` migrates: a VM-like pc.ram over all of SIZE, and a
+        VM-like pc.bios of 256 KiB (the same generator; seeds 1 and 2, as the demo's)."""
+        assert self.images is not None
+        d = self.images.workdir / f"demo-{size}"
+        d.mkdir()
+        files = [d / "pc.ram", d / "pc.bios"]
+        log(f"workload: demo-like image {size // MiB} MiB + {DEMO_BIOS >> 10} KiB")
+        for path, n, seed in ((files[0], size, 1), (files[1], min(DEMO_BIOS, size), 2)):
+            info = self.helper(
+                "gen-vm", str(path), str(n), str(n), "--seed", str(seed), timeout=600
+            )
+            self.images.info[f"demo-{size}-{path.name}"] = info
+        self.images.demo[size] = files
 
     # --- codec ---------------------------------------------------------------------------------
 
@@ -301,10 +240,18 @@ class Bench:
 
     # --- Python -> Python ----------------------------------------------------------------------
 
-    def python_matrix(self) -> list[tuple[str, str, int]]:
-        cases = [("vm", m, n) for m in self.cfg.methods for n in self.cfg.channels]
-        if "none" in self.cfg.methods:
-            cases += [("random", "none", 2), ("zero", "none", 2), ("zero+multifd", "none", 2)]
+    def python_matrix(self) -> list[tuple[str, str, int, int]]:
+        """(image, method, channels, reps): the configurations compared with QEMU run
+        ``best_reps`` times (their best rep is compared), the others ``reps``."""
+        cfg = self.cfg
+
+        def reps(method: str, n: int) -> int:
+            vs_qemu = method in QEMU_METHODS and n in cfg.qemu_channels
+            return max(cfg.reps, cfg.best_reps) if vs_qemu else cfg.reps
+
+        cases = [("vm", m, n, reps(m, n)) for m in cfg.methods for n in cfg.channels]
+        if "none" in cfg.methods:
+            cases += [(image, "none", 2, cfg.reps) for image in ("random", "zero", "zero+multifd")]
         return cases
 
     def section_python(self) -> None:
@@ -312,12 +259,13 @@ class Bench:
         if missing:
             self.note(f"python: method(s) not installed, skipped: {', '.join(missing)}")
         cases = self.python_matrix()
-        for rep in range(self.cfg.reps):
-            self.startup_once(rep)
-            for image, method, channels in cases:
-                tag = f"python {image} {method} {channels}ch rep {rep + 1}/{self.cfg.reps}"
-                if ("python", image, method, channels) in self.broken:
-                    continue  # failed in an earlier rep: not worth another timeout
+        for rep in range(max(c[3] for c in cases)):
+            if rep < self.cfg.reps:
+                self.startup_once(rep)
+            for image, method, channels, reps in cases:
+                tag = f"python {image} {method} {channels}ch rep {rep + 1}/{reps}"
+                if rep >= reps or ("python", image, method, channels) in self.broken:
+                    continue  # done, or failed in an earlier rep: not worth another timeout
                 try:
                     row = self.python_once(image, method, channels)
                 except BenchError as exc:
@@ -353,6 +301,104 @@ class Bench:
             self.children.close()
             shutil.rmtree(d, ignore_errors=True)
 
+    # --- launch: what a fresh process costs before it does anything ---------------------------
+
+    def launch_commands(self) -> dict[str, list[str]]:
+        """The launch section's commands; ``import`` and ``python`` use the interpreter that
+        runs ``multifd`` (its script's ``#!`` line)."""
+        py = script_python(self.cfg.multifd)
+        return {
+            "help": self.mf("--help"),
+            "import": [py, "-c", "import multifd_core"],
+            "python": [py, "-c", "pass"],  # a bare interpreter, for reference
+        }
+
+    def section_launch(self) -> None:
+        assert self.images is not None
+        commands = self.launch_commands()
+        n = self.cfg.launch_reps
+        log(f"launch: {n} fresh processes of each of {', '.join(commands)}")
+        for rep in range(n):
+            for what, argv in commands.items():  # interleaved: a drift in load hits each alike
+                shown = shlex.join([Path(argv[0]).name, *argv[1:]])
+                row: dict[str, Any] = {"what": what, "command": shown, "rep": rep}
+                try:
+                    child = self.children.spawn(
+                        f"`{shown}`", argv, stderr=self.images.workdir / "launch.err"
+                    )
+                    self.children.wait([child], 60)
+                    assert child.ended is not None
+                    if child.status != 0:
+                        raise BenchError(child.describe_failure())
+                    row.update(wall_s=child.ended - child.started, cpu_s=child.cpu_seconds)
+                    row["rss"] = child.max_rss_bytes
+                except BenchError as exc:
+                    row["error"] = str(exc)
+                    self.note(f"launch {what} rep {rep + 1}/{n}: {exc}")
+                finally:
+                    self.children.close()
+                self.doc["launch"].append(row)
+
+    # --- demo: `multifd demo` against send -> recv of the same kind of image ------------------
+
+    def section_demo(self) -> None:
+        configs = [c for c in self.cfg.demo_configs if c[1] in self.cfg.methods]
+        if len(configs) < len(self.cfg.demo_configs):
+            self.note("demo: a configuration's method is not installed; skipped")
+        for rep in range(self.cfg.reps):
+            for size, method, channels in configs:
+                for side in ("demo", "send"):  # side by side in each rep
+                    tag = f"demo {side} {size // MiB} MiB {method} {channels}ch"
+                    tag += f" rep {rep + 1}/{self.cfg.reps}"
+                    if ("demo", side, size, method, channels) in self.broken:
+                        continue
+                    try:
+                        if side == "demo":
+                            row = self.demo_once(size, method, channels)
+                        else:
+                            row = self.python_once(f"demo-{size}", method, channels)
+                    except BenchError as exc:
+                        row = {"error": str(exc)}
+                        self.note(f"{tag}: {exc}")
+                        self.broken.add(("demo", side, size, method, channels))
+                    row.update(side=side, size=size, method=method, channels=channels, rep=rep)
+                    self.doc["demo"].append(row)
+                    if "throughput_Bps" in row:
+                        log(f"{tag}: {row['throughput_Bps'] / MiB:.0f} MiB/s of page data")
+
+    def demo_once(self, size: int, method: str, channels: int) -> dict[str, Any]:
+        """One `multifd demo --json` process: its own figures, and its wall, CPU and RSS."""
+        assert self.images is not None
+        d = self.run_dir(f"demo-{size}-{method}-{channels}")
+        args = ["--size", str(size), "--channels", str(channels), "--compression", method]
+        try:
+            child = self.children.spawn(
+                "multifd demo",
+                self.mf("demo", *args, "--json", "--no-progress"),
+                stdout=d / "demo.json",
+                stderr=d / "demo.err",
+            )
+            self.children.wait([child], 120 + size / 5e6)
+            assert child.ended is not None
+            if child.status != 0:
+                raise BenchError(child.describe_failure())
+            j = json.loads((d / "demo.json").read_text())
+            return {
+                "seconds": j["seconds"],
+                "throughput_Bps": j["throughput-bytes-per-second"],
+                "nonzero_bytes": j["ram"]["normal-bytes"],
+                "rounds": j["ram"]["dirty-sync-count"],
+                "image_seconds": j.get("image-seconds"),
+                "verify_seconds": j.get("verify-seconds"),
+                "verified": j.get("verified"),
+                "wall_s": child.ended - child.started,
+                "cpu_s": child.cpu_seconds,
+                "rss": child.max_rss_bytes,
+            }
+        finally:
+            self.children.close()
+            shutil.rmtree(d, ignore_errors=True)
+
     # --- integrity: the same migration with packet checksums off, on, and with --verify ------
 
     def section_integrity(self) -> None:
@@ -379,14 +425,13 @@ class Bench:
         send_args: list[str] | None = None,
         recv_args: list[str] | None = None,
     ) -> dict[str, Any]:
-        """One send/recv pair; ``image`` is an image's name, with ``+MODE`` for a
-        ``--zero-page-detection`` other than the default (``zero+multifd``); ``send_args`` /
-        ``recv_args``: more options of each end."""
+        """One send/recv pair; ``image`` is an image's name (``Images.files``), with ``+MODE``
+        for a ``--zero-page-detection`` other than the default (``zero+multifd``); ``send_args``
+        / ``recv_args``: more options of each end."""
         assert self.images is not None
         file_image, _, zero_mode = image.partition("+")
-        src: Path | None = getattr(self.images, file_image)
-        assert src is not None
-        size = src.stat().st_size
+        srcs = self.images.files(file_image)
+        size = sum(src.stat().st_size for src in srcs)
         d = self.run_dir(f"py-{file_image}-{zero_mode or 'default'}-{method}-{channels}")
         timeout = 60 + size / 20e6
         common = ["--channels", str(channels), "--compression", method, "--json", "--no-progress"]
@@ -399,7 +444,9 @@ class Bench:
             t0 = time.monotonic()
             send = self.children.spawn(
                 "multifd send",
-                self.mf("send", "--connect", f"{host}:{port}", *common, *zero, *more, str(src)),
+                self.mf(
+                    "send", "--connect", f"{host}:{port}", *common, *zero, *more, *map(str, srcs)
+                ),
                 stdout=d / "send.json",
                 stderr=d / "send.err",
             )
@@ -412,9 +459,8 @@ class Bench:
             sj = json.loads((d / "send.json").read_text())
             rj = json.loads((d / "recv.json").read_text())
             verified = None
-            if self.cfg.verify:
-                out = Path(next(iter(rj["files"].values())))
-                verified = files_equal(src, out)
+            if self.cfg.verify:  # the receiver names each file after the sender's
+                verified = all(files_equal(src, Path(rj["files"][src.name])) for src in srcs)
                 if not verified:
                     self.note(f"python {image} {method} {channels}ch: output differs (BUG)")
             nonzero = sj["ram"]["normal-bytes"]
@@ -432,10 +478,15 @@ class Bench:
                 "nonzero_GBps": nonzero / wall / 1e9,
                 "nonzero_GBps_lib": nonzero / sj["seconds"] / 1e9 if sj["seconds"] else None,
                 "image_GBps": size / wall / 1e9,
+                "throughput_Bps": sj["throughput-bytes-per-second"],
                 "wire_bytes": sj["ram"]["transferred"],
                 "compression_ratio": sj.get("compression-ratio"),
                 "send_cpu_s": send.cpu_seconds,
                 "recv_cpu_s": recv.cpu_seconds,
+                "send_user_s": send.user_seconds,
+                "send_sys_s": send.sys_seconds,
+                "recv_user_s": recv.user_seconds,
+                "recv_sys_s": recv.sys_seconds,
                 "send_rss": send.max_rss_bytes,
                 "recv_rss": recv.max_rss_bytes,
                 "verified": verified,
@@ -444,659 +495,24 @@ class Bench:
             self.children.close()
             shutil.rmtree(d, ignore_errors=True)
 
-    # --- QEMU -> QEMU and QEMU -> qemu-save --------------------------------------------------
-
-    def qemu_argv(self, qmp_path: Path, *extra: str) -> list[str]:
-        assert self.cfg.qemu
-        return [
-            self.cfg.qemu,
-            *("-nodefaults", "-display", "none", "-accel", "tcg", "-machine", "q35"),
-            *("-m", f"{self.cfg.guest_mib}M", "-S"),
-            *("-qmp", f"unix:{qmp_path},server=on,wait=off"),
-            *extra,
-        ]
-
-    def qemu_matrix(self) -> list[tuple[str, int]]:
-        return [(m, n) for m in QEMU_METHODS for n in self.cfg.qemu_channels]
-
-    def section_qemu(self, to_save: bool) -> None:
-        key = "qemu_save" if to_save else "qemu"
-        label = "QEMU -> qemu-save" if to_save else "QEMU -> QEMU"
-        if not self.cfg.qemu:
-            self.note(f"qemu-system-x86_64 is not installed: {label} is skipped")
-            return
-        for rep in range(self.cfg.reps):
-            for method, channels in self.qemu_matrix():
-                if to_save and method not in self.cfg.methods:
-                    continue
-                tag = f"{label} {method} {channels}ch rep {rep + 1}/{self.cfg.reps}"
-                if (key, method, channels) in self.broken:
-                    continue  # failed in an earlier rep: not worth another timeout
-                try:
-                    row = self.qemu_once(method, channels, to_save)
-                except BenchError as exc:
-                    row = {"method": method, "channels": channels, "error": str(exc)}
-                    self.note(f"{tag}: {exc}")
-                    self.broken.add((key, method, channels))
-                row["rep"] = rep
-                self.doc[key].append(row)
-                if "total_ms" in row:
-                    log(f"{tag}: {row['total_ms']} ms")
-
-    def configure_migration(self, q: QMP, method: str, channels: int, source: bool) -> None:
-        q.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
-        params: dict[str, Any] = {"multifd-channels": channels, "multifd-compression": method}
-        if source:  # QEMU's default max-bandwidth (128 MiB/s) would be all we measure
-            params["max-bandwidth"] = QEMU_MAX_BANDWIDTH
-        q.cmd("migrate-set-parameters", **params)
-
-    def poll_migration(
-        self, q: QMP, timeout: float, watch: list[Child], stall: float = 20.0
-    ) -> dict[str, Any]:
-        """Poll query-migrate until the migration ends; BenchError when it takes over
-        ``timeout`` s, or when its transferred bytes stop moving for ``stall`` s."""
-        start = last_change = time.monotonic()
-        last = None
-        while True:
-            st = dict(q.cmd("query-migrate"))
-            if st.get("status") in ("completed", "failed", "cancelled"):
-                return st
-            for c in watch:
-                if c.try_reap():
-                    raise BenchError(c.describe_failure() + " during the migration")
-            now = time.monotonic()
-            moved = st.get("ram", {}).get("transferred")
-            if moved != last:
-                last, last_change = moved, now
-            why = None
-            if now - start > timeout:
-                why = f"still {st.get('status')} after {timeout:.0f} s"
-            elif st.get("status") == "active" and now - last_change > stall:
-                why = f"stalled: {last} bytes transferred, no progress for {stall:.0f} s"
-            if why:
-                ram = st.get("ram", {})
-                tails = "; ".join(
-                    f"{c.name} stderr: {c.stderr_tail(300)}" for c in watch if c.stderr_tail()
-                )
-                raise BenchError(
-                    f"{q.name}: migration {why} (multifd-bytes {ram.get('multifd-bytes')}, "
-                    f"normal pages {ram.get('normal')}, remaining {ram.get('remaining')})"
-                    + (f"; {tails}" if tails else "")
-                )
-            time.sleep(0.01)
-
-    def qemu_quit(self, q: QMP | None, child: Child) -> None:
-        if q is not None:
-            try:
-                q.cmd("quit")
-            except (BenchError, OSError):
-                pass
-            q.close()
-        try:
-            self.children.wait([child], 10)
-        except BenchError:
-            self.children.end(child)
-
-    def qemu_once(self, method: str, channels: int, to_save: bool) -> dict[str, Any]:
-        assert self.images is not None and self.images.pattern is not None
-        d = self.run_dir(f"{'save' if to_save else 'qemu'}-{method}-{channels}")
-        timeout = 60 + self.cfg.image_size / 10e6
-        q = dq = None
-        dst: Child | None = None
-        try:
-            src = self.children.spawn(
-                "QEMU source",
-                self.qemu_argv(
-                    d / "src.qmp",
-                    "-device",
-                    f"loader,file={self.images.pattern},addr={LOAD_GUEST_ADDR:#x},force-raw=on",
-                ),
-                stderr=d / "src.err",
-            )
-            q = QMP(d / "src.qmp", src)
-            self.configure_migration(q, method, channels, True)
-            if to_save:
-                dst, host, port = self.listen(
-                    "multifd qemu-save",
-                    d,
-                    "save",
-                    "qemu-save",
-                    *("--output", str(d / "snap"), "--channels", str(channels)),
-                    *("--compression", method, "--json", "--no-progress"),
-                )
-            else:
-                dst = self.children.spawn(
-                    "QEMU destination",
-                    self.qemu_argv(d / "dst.qmp", "-incoming", "defer"),
-                    stderr=d / "dst.err",
-                )
-                dq = QMP(d / "dst.qmp", dst)
-                self.configure_migration(dq, method, channels, False)
-                host, port = "127.0.0.1", free_port()
-                dq.cmd("migrate-incoming", uri=f"tcp:{host}:{port}")
-            t0 = time.monotonic()
-            q.cmd("migrate", uri=f"tcp:{host}:{port}")
-            st = self.poll_migration(q, timeout, [src, dst])
-            t_src = time.monotonic() - t0
-            if st["status"] != "completed":
-                raise BenchError(f"QEMU source: migration {st['status']}: {st.get('error-desc')}")
-            ram = st.get("ram", {})
-            row: dict[str, Any] = {
-                "method": method,
-                "channels": channels,
-                "total_ms": st["total-time"],
-                "setup_ms": st.get("setup-time"),
-                "downtime_ms": st.get("downtime"),
-                "source_poll_s": t_src,
-                "transferred": ram.get("transferred"),
-                "normal_pages": ram.get("normal"),
-                "duplicate_pages": ram.get("duplicate"),
-                "multifd_bytes": ram.get("multifd-bytes"),
-            }
-            if to_save:
-                self.children.wait([dst], timeout)
-                assert dst.ended is not None
-                if dst.status != 0:
-                    raise BenchError(dst.describe_failure())
-                sj = json.loads((d / "save.json").read_text())
-                row.update(
-                    save_exit_s=dst.ended - t0,
-                    save_lib_s=sj["seconds"],
-                    save_cpu_s=dst.cpu_seconds,
-                    save_rss=dst.max_rss_bytes,
-                    save_wire_bytes=sj["ram"]["transferred"],
-                )
-                if self.cfg.verify:
-                    ram_block = [b for b in sj["blocks"] if b["name"] == "pc.ram"]
-                    ok = bool(ram_block) and files_equal(
-                        d / "snap" / ram_block[0]["file"],
-                        self.images.pattern,
-                        LOAD_GUEST_ADDR,
-                        self.cfg.pattern_size,
-                    )
-                    row["verified"] = ok
-                    if not ok:
-                        self.note(f"qemu-save {method} {channels}ch: pc.ram differs (BUG?)")
-            else:
-                assert dq is not None
-                dst_st = self.poll_migration(dq, 60, [dst])
-                row["dst_status"] = dst_st["status"]
-                if dst_st["status"] != "completed":
-                    raise BenchError(f"QEMU destination: migration {dst_st['status']}")
-            self.qemu_quit(q, src)
-            q = None
-            row["src_cpu_s_incl_startup"] = src.cpu_seconds
-            if dq is not None and dst is not None:
-                self.qemu_quit(dq, dst)
-                dq = None
-                row["dst_cpu_s_incl_startup"] = dst.cpu_seconds
-            return row
-        finally:
-            for qq in (q, dq):
-                if qq is not None:
-                    qq.close()
-            self.children.close()
-            shutil.rmtree(d, ignore_errors=True)
-
-
-# --- aggregation and comparisons ------------------------------------------------------------
-
-
-def aggregate(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Median of every numeric field per configuration (``keys``), over the reps that worked."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    out = []
-    for key, group in groups.items():
-        ok = [r for r in group if "error" not in r]
-        agg: dict[str, Any] = dict(zip(keys, key, strict=True))
-        agg["reps_ok"] = len(ok)
-        agg["reps"] = len(group)
-        if len(ok) < len(group):
-            agg["errors"] = [r["error"] for r in group if "error" in r]
-        fields = {f for r in ok for f, v in r.items() if f not in keys and f != "rep"}
-        for f in sorted(fields):
-            vals = [r.get(f) for r in ok]
-            if all(isinstance(v, bool) or v is None for v in vals):
-                agg[f] = None if all(v is None for v in vals) else all(v is not False for v in vals)
-            elif all(isinstance(v, int | float) or v is None for v in vals):
-                agg[f] = median(vals)
-            else:
-                agg[f] = vals[0]
-        out.append(agg)
-    return out
-
-
-def find(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any] | None:
-    """The aggregated row of one configuration (it may have no successful rep)."""
-    for r in rows:
-        if all(r.get(k) == v for k, v in match.items()):
-            return r
-    return None
-
-
-def failed(*rows: dict[str, Any] | None) -> str | None:
-    """Why a comparison cannot be made: a side not run, or all its reps failed."""
-    for r in rows:
-        if r is None:
-            return "not measured in this run"
-    for r in rows:
-        assert r is not None
-        if not r.get("reps_ok"):
-            return "FAILED: " + "; ".join(r.get("errors", []))[:400]
-    return None
-
-
-Comparison = dict[str, Any]
-
-
-def _comparison(
-    target: str, what: str, ratio: float | None, ok: bool | None, detail: str
-) -> Comparison:
-    return {"target": target, "what": what, "ratio": ratio, "met": ok, "detail": detail}
-
-
-def _cannot(target: str, what: str, why: str) -> Comparison:
-    """A comparison not made: not measured (no verdict) or a side failed (not met)."""
-    return _comparison(target, what, None, None if why.startswith("not") else False, why)
-
-
-def comparisons(summary: dict[str, Any], cfg: Config) -> list[Comparison]:
-    return [
-        *_compare_with_qemu(summary, cfg),
-        *_compare_with_iperf(summary, cfg),
-        *_compare_with_codec(summary, cfg),
-        *_compare_save_with_qemu(summary, cfg),
-        *_compare_rss(summary, cfg),
-    ]
-
-
-def _compare_with_qemu(summary: dict[str, Any], cfg: Config) -> Iterator[Comparison]:
-    """(a) Python -> Python faster than QEMU -> QEMU"""
-    for method in QEMU_METHODS:
-        for n in cfg.qemu_channels:
-            p, q = (
-                find(summary["python"], image="vm", method=method, channels=n),
-                find(summary["qemu"], method=method, channels=n),
-            )
-            what = f"Python->Python / QEMU->QEMU time, {method} {n}ch"
-            if why := failed(p, q):
-                yield _cannot("a", what, why)
-                continue
-            assert p is not None and q is not None
-            qs = q["total_ms"] / 1000
-            # like for like: QEMU's total-time runs from `migrate` to completion on the source,
-            # without process start; the sender's own migration time does the same
-            lib = p["send_lib_s"]
-            yield _comparison(
-                "a",
-                what,
-                lib / qs,
-                lib < qs,
-                f"{lib:.3f} s / {qs:.3f} s  (with both processes' start and exit: "
-                f"{p['wall_s']:.3f} s, {p['wall_s'] / qs:.2f}x)",
-            )
-
-
-def _compare_with_iperf(summary: dict[str, Any], cfg: Config) -> Iterator[Comparison]:
-    """(b) nocomp >= 0.8x iperf3 with the same streams"""
-    cases = [("vm", n) for n in cfg.channels] + [("random", 2)]
-    for image, n in cases:
-        p = find(summary["python"], image=image, method="none", channels=n)
-        i = find(summary["iperf3"], streams=n)
-        what = f"nocomp {image} {n}ch / iperf3 -P {n} throughput"
-        if why := failed(p, i):
-            yield _cannot("b", what, why)
-            continue
-        assert p is not None and i is not None
-        # iperf3 reports its transfer, without process start: so does the sender's own time
-        lib = p.get("nonzero_GBps_lib") or p["nonzero_GBps"]
-        r = lib / i["GBps"]
-        yield _comparison(
-            "b",
-            what,
-            r,
-            r >= 0.8,
-            f"{lib:.2f} / {i['GBps']:.2f} GB/s  (with process start and exit: "
-            f"{p['nonzero_GBps']:.2f} GB/s, {p['nonzero_GBps'] / i['GBps']:.2f}x)",
-        )
-
-
-def _compare_with_codec(summary: dict[str, Any], cfg: Config) -> Iterator[Comparison]:
-    """(c) compressed end-to-end >= 1.7x the codec's single-thread compress speed"""
-    for method in CODEC_METHODS:
-        for n in cfg.channels:
-            p = find(summary["python"], image="vm", method=method, channels=n)
-            c = find(summary["codec"], method=method)
-            what = f"{method} {n}ch end-to-end / single-thread compress"
-            why = failed(p, c) or (None if c and c.get("compress_MBps") else "no codec figure")
-            if why:
-                yield _cannot("c", what, why)
-                continue
-            assert p is not None and c is not None
-            single = c["compress_MBps"] / 1000
-            lib = p.get("nonzero_GBps_lib") or p["nonzero_GBps"]
-            r = lib / single
-            detail = (
-                f"{lib:.3f} / {single:.3f} GB/s  (with process start and exit: "
-                f"{p['nonzero_GBps']:.3f} GB/s, {p['nonzero_GBps'] / single:.2f}x)"
-            )
-            detail += _codec_bound(c, lib, single)
-            if n < 2:
-                detail += "  [1 channel: shown for reference, not a target]"
-            yield _comparison("c", what, r, (r >= 1.7) if n >= 2 else None, detail)
-
-
-def _codec_bound(c: dict[str, Any], lib: float, single: float) -> str:
-    if not c.get("decompress_MBps"):
-        return ""
-    # both ends on this machine's cores: every byte is compressed and decompressed on them, so
-    # even with no other work the pair moves at most this fast
-    cores = os.cpu_count() or 1
-    bound = cores / (1 / c["compress_MBps"] + 1 / c["decompress_MBps"]) / 1000
-    return (
-        f"  [{cores} cores shared by both ends: codec work alone bounds it at "
-        f"{bound:.3f} GB/s = {bound / single:.2f}x; reached {lib / bound:.0%} of that]"
-    )
-
-
-def _compare_save_with_qemu(summary: dict[str, Any], cfg: Config) -> Iterator[Comparison]:
-    """(d) QEMU -> qemu-save no slower than QEMU -> QEMU"""
-    for method in QEMU_METHODS:
-        for n in cfg.qemu_channels:
-            s = find(summary["qemu_save"], method=method, channels=n)
-            q = find(summary["qemu"], method=method, channels=n)
-            what = f"QEMU->qemu-save / QEMU->QEMU time, {method} {n}ch"
-            if why := failed(s, q):
-                yield _cannot("d", what, why)
-                continue
-            assert s is not None and q is not None
-            yield _comparison(
-                "d",
-                what,
-                s["total_ms"] / q["total_ms"],
-                s["total_ms"] <= q["total_ms"],
-                f"{s['total_ms']:.0f} ms / {q['total_ms']:.0f} ms (source total-time; qemu-save "
-                f"exited {s['save_exit_s']:.3f} s after migrate)",
-            )
-
-
-def _compare_rss(summary: dict[str, Any], cfg: Config) -> Iterator[Comparison]:
-    """(e) peak RSS of each end <= image + 64 MiB"""
-    for p in summary["python"]:
-        if not p.get("reps_ok"):
-            continue
-        limit = p["image_bytes"] + RSS_SLACK
-        worst = max(p["send_rss"], p["recv_rss"])
-        yield _comparison(
-            "e",
-            f"peak RSS {p['image']} {p['method']} {p['channels']}ch / (image + 64 MiB)",
-            worst / limit,
-            worst <= limit,
-            f"send {p['send_rss'] / MiB:.0f} MiB, recv {p['recv_rss'] / MiB:.0f} MiB, "
-            f"limit {limit / MiB:.0f} MiB",
-        )
-    for s in summary["qemu_save"]:
-        if s.get("save_rss"):
-            limit = cfg.image_size + RSS_SLACK
-            yield _comparison(
-                "e",
-                f"peak RSS qemu-save {s['method']} {s['channels']}ch / (guest RAM + 64 MiB)",
-                s["save_rss"] / limit,
-                s["save_rss"] <= limit,
-                f"{s['save_rss'] / MiB:.0f} MiB, limit {limit / MiB:.0f} MiB (informative: the "
-                "guest has a few small RAM blocks besides pc.ram)",
-            )
-
-
-# --- report -------------------------------------------------------------------------------
-
-
-def fmt(v: Any, spec: str = ".3f") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "NO"
-    return format(v, spec)
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    line = "  ".join(
-        h.rjust(w) if i else h.ljust(w)
-        for i, (h, w) in enumerate(zip(headers, widths, strict=True))
-    )
-    out = [line, "  ".join("-" * w for w in widths)]
-    for r in rows:
-        out.append(
-            "  ".join(
-                c.rjust(w) if i else c.ljust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-    return "\n".join(out)
-
-
-def report(doc: dict[str, Any]) -> str:
-    meta, summary = doc["meta"], doc["summary"]
-    out = _report_head(meta)
-    if summary["python"]:
-        out += _report_python(summary)
-    if summary.get("integrity"):
-        out += _report_integrity(summary)
-    if summary["iperf3"]:
-        out += _report_iperf(summary)
-    if summary["qemu"] or summary["qemu_save"]:
-        out += _report_qemu(meta, summary)
-    if summary["codec"]:
-        out += _report_codec(summary)
-    out += _report_comparisons(doc)
-    if doc["notes"]:
-        out += ["", "Notes"] + [f"  - {n}" for n in doc["notes"]]
-    return "\n".join(out)
-
-
-def _report_head(meta: dict[str, Any]) -> list[str]:
-    img = meta["images"].get("vm", {})
-    out = [
-        f"multifd benchmark  {meta['date']}  {'--quick' if meta['quick'] else 'full'}, "
-        f"{meta['reps']} rep(s), medians  (load {meta['load_before']} -> {meta['load_after']}, "
-        f"{meta['cpus']} CPUs)",
-    ]
-    if img:
-        line = (
-            f"VM-like image {img['size'] // MiB} MiB: {img['pattern'] // MiB} MiB pattern "
-            f"({img['nonzero_bytes'] / MiB:.0f} MiB non-zero), rest zero"
-        )
-        for kind in ("random", "zero"):
-            if kind in meta["images"]:
-                line += f";  all-{kind} {meta['images'][kind]['size'] // MiB} MiB"
-        out.append(line)
-    return out
-
-
-def _report_python(summary: dict[str, Any]) -> list[str]:
-    out = [
-        "",
-        "Python -> Python, loopback TCP, two processes (wall = send start -> both exited)",
-    ]
-    rows = []
-    for r in summary["python"]:
-        if not r["reps_ok"]:
-            rows.append([r["image"], r["method"], str(r["channels"]), "FAILED"] + [""] * 10)
-            continue
-        rows.append(
-            [
-                r["image"],
-                r["method"],
-                str(r["channels"]),
-                fmt(r["wall_s"]),
-                fmt(r["send_lib_s"]),
-                fmt(r["nonzero_GBps"], ".2f"),
-                fmt(r["image_GBps"], ".2f"),
-                fmt(r["wire_bytes"] / MiB, ".1f"),
-                fmt(r["send_cpu_s"], ".2f"),
-                fmt(r["recv_cpu_s"], ".2f"),
-                fmt(r["send_rss"] / MiB, ".0f"),
-                fmt(r["recv_rss"] / MiB, ".0f"),
-                fmt(r.get("verified")),
-                f"{r['reps_ok']}/{r['reps']}",
-            ]
-        )
-    headers = ["image", "method", "ch", "wall s", "lib s", "nz GB/s", "img GB/s", "wire MiB"]
-    headers += ["cpu snd", "cpu rcv", "rss snd", "rss rcv", "same", "reps"]
-    out.append(table(headers, rows))
-    st = summary["startup"]
-    if st["wall_s"] is not None:
-        out.append(
-            f"(a multifd process's fixed cost, `multifd plugins --json`: {st['wall_s']:.3f} s "
-            f"wall, {st['cpu_s']:.2f} CPU-s, {st['rss'] / MiB:.0f} MiB; wall includes one "
-            "such start for send; lib s = the sender's own migration time from its JSON)"
-        )
-    return out
-
-
-def _report_integrity(summary: dict[str, Any]) -> list[str]:
-    """Packet checksums (on by default) and --verify against the same migration without them,
-    as ratios of this run's medians."""
-    out = [
-        "",
-        "Integrity: the vm image, 2 channels, checksums off / on / on + --verify (ratio to off)",
-    ]
-    rows = []
-    for method in INTEGRITY_METHODS:
-        off = find(summary["integrity"], method=method, integrity="off")
-        for mode in INTEGRITY_MODES:
-            r = find(summary["integrity"], method=method, integrity=mode)
-            if r is None:
-                continue
-            if not r["reps_ok"] or off is None or not off["reps_ok"]:
-                rows.append([method, mode, "FAILED", *[""] * 6])
-                continue
-
-            def ratio(key: str, r: dict[str, Any] = r, off: dict[str, Any] = off) -> str:
-                return fmt(r[key] / off[key], ".3f") if off.get(key) else "-"
-
-            cpu = r["send_cpu_s"] + r["recv_cpu_s"]
-            cpu_off = off["send_cpu_s"] + off["recv_cpu_s"]
-            rows.append(
-                [
-                    method,
-                    mode,
-                    fmt(r["wall_s"]),
-                    ratio("wall_s"),
-                    fmt(r["send_lib_s"]),
-                    ratio("send_lib_s"),
-                    fmt(cpu, ".2f"),
-                    fmt(cpu / cpu_off if cpu_off else None, ".3f"),
-                    f"{r['reps_ok']}/{r['reps']}",
-                ]
-            )
-    headers = ["method", "mode", "wall s", "x off", "lib s", "x off", "cpu s", "x off", "reps"]
-    out.append(table(headers, rows))
-    return out
-
-
-def _report_iperf(summary: dict[str, Any]) -> list[str]:
-    rows = [
-        [str(r["streams"]), fmt(r.get("GBps"), ".2f"), f"{r['reps_ok']}/{r['reps']}"]
-        for r in summary["iperf3"]
-    ]
-    return ["", "iperf3, loopback, -n image size", table(["streams", "GB/s", "reps"], rows)]
-
-
-def _report_qemu(meta: dict[str, Any], summary: dict[str, Any]) -> list[str]:
-    out = [
-        "",
-        f"QEMU 7.2 source (guest -m {meta['guest_mib']}M, pattern at {LOAD_GUEST_ADDR:#x});"
-        " time = source total-time",
-    ]
-    rows = []
-    for pair, key in (("QEMU->QEMU", "qemu"), ("QEMU->qemu-save", "qemu_save")):
-        for r in summary[key]:
-            rows.append(_qemu_row(pair, key == "qemu_save", r))
-    headers = ["pair", "method", "ch", "total ms", "wire MiB", "save exit s", "cpu save"]
-    headers += ["rss save", "same", "reps"]
-    out.append(table(headers, rows))
-    return out
-
-
-def _qemu_row(pair: str, save: bool, r: dict[str, Any]) -> list[str]:
-    reps = f"{r['reps_ok']}/{r['reps']}"
-    if not r["reps_ok"]:
-        return [pair, r["method"], str(r["channels"]), "FAILED", *[""] * 5, reps]
-    return [
-        pair,
-        r["method"],
-        str(r["channels"]),
-        fmt(r.get("total_ms"), ".0f"),
-        fmt((r.get("transferred") or 0) / MiB, ".1f"),
-        fmt(r.get("save_exit_s")) if save else "-",
-        fmt(r.get("save_cpu_s"), ".2f") if save else "-",
-        fmt((r.get("save_rss") or 0) / MiB, ".0f") if save else "-",
-        fmt(r.get("verified")) if save else "-",
-        reps,
-    ]
-
-
-def _report_codec(summary: dict[str, Any]) -> list[str]:
-    rows = [
-        [
-            r["method"],
-            fmt(r.get("compress_MBps"), ".0f"),
-            fmt(r.get("decompress_MBps"), ".0f"),
-            fmt(r.get("ratio"), ".2f"),
-            fmt(r.get("roundtrip_ok")),
-        ]
-        for r in summary["codec"]
-    ]
-    return [
-        "",
-        "Codecs, one thread, packets of 128 pages, the pattern's non-zero pages",
-        table(["method", "compress MB/s", "decompress MB/s", "ratio", "same"], rows),
-    ]
-
-
-COMPARISON_TITLES = {
-    "a": "(a) Python->Python faster than QEMU->QEMU (ratio < 1)",
-    "b": "(b) nocomp >= 0.8x iperf3, same streams",
-    "c": "(c) compressed end-to-end >= 1.7x the codec's single-thread compress",
-    "d": "(d) QEMU->qemu-save <= QEMU->QEMU time (ratio <= 1)",
-    "e": "(e) peak RSS of each end <= image + 64 MiB (ratio <= 1)",
-}
-#: The sections each comparison needs.
-COMPARISON_NEEDS = {
-    "a": ("python", "qemu"),
-    "b": ("python", "iperf3"),
-    "c": ("python", "codec"),
-    "d": ("qemu", "qemu-save"),
-    "e": ("python",),
-}
-
-
-def _report_comparisons(doc: dict[str, Any]) -> list[str]:
-    out = ["", "Comparisons (ratios from this run)"]
-    for target, title in COMPARISON_TITLES.items():
-        lines = [c for c in doc["comparisons"] if c["target"] == target]
-        missing = [s for s in COMPARISON_NEEDS[target] if s not in doc["meta"]["sections"]]
-        if missing:
-            out.append(f"{title}: not run (needs section(s) {', '.join(COMPARISON_NEEDS[target])})")
-            lines = [c for c in lines if c["ratio"] is not None]
-        elif not lines:
-            continue
-        else:
-            out.append(title)
-        for c in lines:
-            mark = {True: "MET", False: "NOT MET", None: "-"}[c["met"]]
-            ratio = f"{c['ratio']:.2f}x" if c["ratio"] is not None else "n/a"
-            out.append(f"  {mark:<8} {ratio:>7}  {c['what']}: {c['detail']}")
-    return out
-
 
 # --- main ---------------------------------------------------------------------------------
+
+
+def script_python(script: str) -> str:
+    """The interpreter a console script runs with (its ``#!`` line); ours when unreadable."""
+    try:
+        with open(script, "rb") as f:
+            line = f.readline(512).decode(errors="replace")
+    except OSError:
+        return sys.executable
+    words = line[2:].split() if line.startswith("#!") else []
+    if words and Path(words[0]).name == "env" and len(words) > 1:
+        found = shutil.which(words[1])
+        return found or sys.executable
+    if words and os.access(words[0], os.X_OK):
+        return words[0]
+    return sys.executable
 
 
 def find_multifd(explicit: str | None) -> str:
@@ -1164,6 +580,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="1 rep, 256 MiB image (128 MiB pattern), 2 channels only",
     )
     p.add_argument("--reps", type=int, help="repetitions per configuration (default 3; quick 1)")
+    p.add_argument(
+        "--best-of",
+        type=int,
+        metavar="N",
+        help=f"reps of the configurations compared with QEMU, both sides (default {QEMU_BEST_OF}"
+        "; quick: --reps)",
+    )
+    p.add_argument(
+        "--channels",
+        metavar="N,...",
+        help="channel counts of the python and iperf3 sections (default 1,2,4,8; quick 2)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the JSON document here")
     p.add_argument(
         "--only",
@@ -1186,6 +614,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         p.error("--reps must be at least 1")
+    if args.best_of is not None and args.best_of < 1:
+        p.error("--best-of must be at least 1")
+    if args.channels:
+        try:
+            args.channels = tuple(sorted({int(n) for n in args.channels.split(",") if n.strip()}))
+        except ValueError:
+            p.error(f"--channels: not a list of integers: {args.channels!r}")
+        if not args.channels or min(args.channels) < 1:
+            p.error("--channels: counts must be at least 1")
     if args.only:
         chosen = tuple(s.strip() for s in args.only.split(",") if s.strip())
         bad = [s for s in chosen if s not in SECTIONS]
@@ -1225,15 +662,17 @@ def main(argv: list[str] | None = None) -> int:
     multifd = find_multifd(args.multifd)
     methods, problems = installed_methods(multifd)
     quick = args.quick
+    reps = args.reps or (1 if quick else 3)
     cfg = Config(
         quick=quick,
-        reps=args.reps or (1 if quick else 3),
+        reps=reps,
+        best_reps=args.best_of or (reps if quick else max(reps, QEMU_BEST_OF)),
         image_size=256 * MiB if quick else GiB,
         pattern_size=128 * MiB if quick else 512 * MiB,
         random_size=256 * MiB if quick else GiB,
         zero_size=256 * MiB if quick else GiB,
-        channels=(2,) if quick else (1, 2, 4),
-        qemu_channels=(2,) if quick else (2, 4),
+        channels=args.channels or ((2,) if quick else (1, 2, 4, 8)),
+        qemu_channels=(2,) if quick else QEMU_CHANNELS,
         sections=args.sections,
         verify=args.verify,
         workdir_parent=Path(args.workdir),
@@ -1241,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         qemu=shutil.which("qemu-system-x86_64"),
         iperf3=shutil.which("iperf3"),
         methods=tuple(m for m in PY_METHODS if m in methods),
+        demo_configs=DEMO_CONFIGS_QUICK if quick else DEMO_CONFIGS,
+        launch_reps=LAUNCH_REPS_QUICK if quick else LAUNCH_REPS,
     )
     bench = Bench(cfg)
     for problem in problems:
@@ -1253,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "quick": quick,
         "reps": cfg.reps,
+        "best_reps": cfg.best_reps,
+        "launch_reps": cfg.launch_reps,
+        "demo_configs": [list(c) for c in cfg.demo_configs],
         "sections": list(cfg.sections),
         "image_size": cfg.image_size,
         "pattern_size": cfg.pattern_size,
@@ -1280,6 +724,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.make_images(workdir)
         steps: dict[str, Callable[[], None]] = {
+            "launch": bench.section_launch,
+            "demo": bench.section_demo,
             "codec": bench.section_codec,
             "iperf3": bench.section_iperf3,
             "python": bench.section_python,
@@ -1304,22 +750,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     meta["images"] = bench.images.info if bench.images else {}
     meta["load_after"] = load_average()
+    if meta["load_after"] is not None and meta["load_after"] >= 1.5:
+        bench.note(f"load average {meta['load_after']:.2f} at the end: figures may be noisy")
     meta["seconds"] = round(time.monotonic() - started, 1)
-    summary = {
-        "python": aggregate(bench.doc["python"], ("image", "method", "channels")),
-        "integrity": aggregate(bench.doc["integrity"], ("method", "channels", "integrity")),
-        "iperf3": aggregate(bench.doc["iperf3"], ("streams",)),
-        "qemu": aggregate(bench.doc["qemu"], ("method", "channels")),
-        "qemu_save": aggregate(bench.doc["qemu_save"], ("method", "channels")),
-        "codec": aggregate(bench.doc["codec"], ("method",)),
-        "startup": {
-            "wall_s": median(r["wall_s"] for r in bench.doc["startup"]),
-            "cpu_s": median(r["cpu_s"] for r in bench.doc["startup"]),
-            "rss": median(r["rss"] for r in bench.doc["startup"]),
-        },
-    }
+    summary = summarize(bench.doc)
     doc: dict[str, Any] = {"meta": meta, "summary": summary, "runs": bench.doc}
-    doc["comparisons"] = comparisons(summary, cfg)
+    doc["comparisons"] = comparisons(summary, meta)
     doc["notes"] = bench.notes
     if args.json:
         json_path = Path(args.json)

@@ -4,7 +4,8 @@ They run as ``python bench/workload.py ...`` so that the benchmark's own process
 Linux a child's ``ru_maxrss`` starts from the peak RSS of the process that forked it, and the
 children's peak RSS is one of the figures.
 
-    workload.py gen-vm PATH SIZE PATTERN [--pattern-file PAT]   VM-like PATTERN bytes, rest zero
+    workload.py gen-vm PATH SIZE PATTERN [--pattern-file PAT] [--seed N]
+                                                    VM-like PATTERN bytes, rest zero
     workload.py gen-random PATH SIZE                            random bytes
     workload.py gen-zero PATH SIZE                              zero bytes (allocated, not a hole)
     workload.py codec PATH PATTERN METHOD...                    codec MB/s on the non-zero pages
@@ -30,7 +31,9 @@ PACKET_PAGES = 128  # pages per multifd packet, as the library and QEMU cut them
 CHUNK = 16 << 20
 
 
-def gen_vm(path: str, size: int, pattern: int, pattern_file: str | None) -> dict[str, Any]:
+def gen_vm(
+    path: str, size: int, pattern: int, pattern_file: str | None, seed: int = 0
+) -> dict[str, Any]:
     from multifd_core.image import fill_vm_like, page_kind
 
     t0 = time.monotonic()
@@ -42,7 +45,7 @@ def gen_vm(path: str, size: int, pattern: int, pattern_file: str | None) -> dict
         os.posix_fallocate(fd, 0, pattern)
         with mmap.mmap(fd, pattern) as m:
             view = memoryview(m)
-            fill_vm_like(view, PAGE, seed=0)
+            fill_vm_like(view, PAGE, seed=seed)
             view.release()
     finally:
         os.close(fd)
@@ -50,7 +53,7 @@ def gen_vm(path: str, size: int, pattern: int, pattern_file: str | None) -> dict
         with open(path, "rb") as src, open(pattern_file, "wb") as dst:
             shutil.copyfileobj(src, dst, CHUNK)
             dst.truncate(pattern)
-    nonzero = sum(page_kind(i, 0) != "zero" for i in range(pattern // PAGE))
+    nonzero = sum(page_kind(i, seed) != "zero" for i in range(pattern // PAGE))
     return {
         "size": size,
         "pattern": pattern,
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("size", type=int)
     g.add_argument("pattern", type=int)
     g.add_argument("--pattern-file")
+    g.add_argument("--seed", type=int, default=0)
     g = sub.add_parser("gen-random")
     g.add_argument("path")
     g.add_argument("size", type=int)
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("methods", nargs="+")
     args = p.parse_args(argv)
     if args.cmd == "gen-vm":
-        result = gen_vm(args.path, args.size, args.pattern, args.pattern_file)
+        result = gen_vm(args.path, args.size, args.pattern, args.pattern_file, args.seed)
     elif args.cmd == "gen-random":
         result = gen_random(args.path, args.size)
     elif args.cmd == "gen-zero":
