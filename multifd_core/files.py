@@ -69,7 +69,13 @@ class _ReadOnlyMapping:
 
 
 class FileBlock(RAMBlock):
-    """A source block mapping a file read-only; ``file_size`` is the exact size."""
+    """A source block mapping a file read-only; ``file_size`` is the exact size.
+
+    Not ``live``: the file must not change while it is sent (nothing marks its pages dirty);
+    its packets are hashed and sent straight from the mapping, without a copy, and a write to
+    the file meanwhile ends the migration with IntegrityError at the destination."""
+
+    live = False
 
     def __init__(self, name: str, path: str | os.PathLike[str], page_size: int = 4096) -> None:
         fd = os.open(path, os.O_RDONLY)

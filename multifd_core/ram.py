@@ -56,7 +56,16 @@ class RAMBlock:
 
     Both are ``np.zeros`` (calloc): for a large block, fresh zero memory whose pages cost
     nothing until a bit in them is set.
+
+    ``live`` (class attribute): the block's pages may change while a round sends them (a vCPU,
+    another thread marking them dirty for the next round). With packet checksums the source
+    then copies each packet's pages before hashing and sending that copy, so that a change
+    cannot make the two disagree; a block that nothing writes during a round (a file being
+    sent: :class:`~multifd_core.files.FileBlock`) is hashed and sent in place, and a change
+    behind the source's back fails the migration with IntegrityError instead of a torn copy.
     """
+
+    live: bool = True
 
     def __init__(
         self,

@@ -117,11 +117,14 @@ class MultiFDSendChannel:
     ) -> tuple[Sequence[Buffer], int, Hash | None]:
         """The payload of ``pages``, its size and, with checksums, their hash: in the thread
         that reads the pages anyway (the compressor's, for a threaded method). With checksums,
-        payload and hash come from one copy of the pages, so that a page changing meanwhile
-        (it is dirty again, and goes again next round) cannot make them disagree."""
+        payload and hash of a ``live`` block's pages come from one copy of them, so that a page
+        changing meanwhile (it is dirty again, and goes again next round) cannot make them
+        disagree; a block nothing writes meanwhile (a file) is hashed and sent in place."""
         hashed = None
         if self.checksums:
-            pages = [self._copy(pages, page_size)]
+            assert job.block is not None
+            if job.block.live:  # what is hashed must be what is sent: a copy (RAMBlock.live)
+                pages = [self._copy(pages, page_size)]
             hashed = integrity.hash_pages(pages)
         if self.method.raw_payload:
             return pages, sum(len(p) for p in pages), hashed

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -485,3 +486,81 @@ def test_qemu_72_announces_nothing_and_ignores_our_checksums(tmp_path: Path) -> 
         info = dest.wait_migration(60)
         assert info["status"] == "completed", (info, dest.log_tail())
         assert dest.pmemsave(at, size, tmp_path / "dst.mem") == qh.pattern()
+
+
+# --- what is hashed is what is sent: a copy for live blocks, in place for files --------------
+
+
+def writer_after_hashing(monkeypatch: pytest.MonkeyPatch, write: Callable[[], None]) -> list[int]:
+    """Make the source's packet hashing (send.py's, not the destination's check) run ``write``
+    once, right after the second data packet's pages were hashed and before they are sent:
+    a writer racing the source."""
+    from multifd_core import integrity as integ
+    from multifd_core import send
+
+    calls = [0]
+
+    def hash_then_write(pages: Any) -> Any:
+        h = integ.hash_pages(pages)
+        calls[0] += 1
+        if calls[0] == 2:
+            write()
+        return h
+
+    proxy = SimpleNamespace(hash_pages=hash_then_write, seal=integ.seal)
+    monkeypatch.setattr(send, "integrity", proxy)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["none", "zstd"])
+async def test_a_live_block_changing_after_hashing_is_sent_as_hashed(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """A RAMBlock (live): its packets are copied before hashing, so a change after the hash
+    does not reach the wire; the migration completes with the pages as they were hashed."""
+    block = random_block(4 << 20)
+    before = bytes(block.host)
+    second = slice(128 * PS, 256 * PS)  # the second data packet's pages (one channel)
+    calls = writer_after_hashing(
+        monkeypatch, lambda: block.memory.__setitem__(second, bytes(128 * PS))
+    )
+    run = await run_loopback(
+        [block],
+        source={"channels": 1, "method": method, "packet_size": MULTIFD_PACKET_SIZE},
+        destination={"channels": 1, "method": method},
+        timeout=30,
+    )
+    assert calls[0] >= 2 and bytes(block.host[second]) == bytes(128 * PS)  # the writer ran
+    assert run.dst_blocks["ram"].host == before
+
+
+async def test_a_file_changing_after_hashing_fails_with_integrity_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FileBlock (not live) is hashed and sent in place, without a copy: the file written
+    behind the source's back between the hash and the send is caught, not sent torn."""
+    from multifd_core.files import FileBlock
+
+    path = tmp_path / "f.img"
+    path.write_bytes(random.Random(3).randbytes(4 << 20))
+
+    def overwrite() -> None:
+        with open(path, "r+b") as f:  # the second data packet's pages (one channel)
+            f.seek(128 * PS)
+            f.write(bytes(128 * PS))
+
+    calls = writer_after_hashing(monkeypatch, overwrite)
+    block = FileBlock("ram", path)
+    try:
+        run = await run_loopback(
+            [block],
+            transport="tcp",
+            source={"channels": 1, "return_path": True, "packet_size": MULTIFD_PACKET_SIZE},
+            destination={"channels": 1},
+            capture_errors=True,
+            timeout=30,
+        )
+    finally:
+        block.close()
+    assert calls[0] >= 2
+    assert_integrity_failure(run)
