@@ -20,7 +20,6 @@ from dataclasses import KW_ONLY, dataclass, fields, replace
 from typing import Any, Self, TypedDict
 
 from .errors import ConfigError
-from .integrity import description_object
 from .methods import MultiFDMethod
 from .registry import MethodRegistry, load_methods
 from .wire import MAX_CHANNELS, MULTIFD_PACKET_SIZE, check_page_size, uuid_bytes
@@ -163,6 +162,8 @@ class SourceOptions(EndOptions):
         if self.verify:
             if self.device_state is not None:
                 raise ConfigError("verify needs the description after EOF: not with device_state")
+            from .integrity import description_object  # trio, xxhash: not for --help
+
             description_object(self.description)  # ConfigError unless a JSON object
 
 

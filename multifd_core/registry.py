@@ -6,24 +6,26 @@ the others, then plugin objects the program registers itself. Two plugins claimi
 name are a conflict naming both. A plugin declaring a hook API this core does not implement, or
 registering no hook at all, is a problem naming it. ``load_methods`` discovers once per process
 for each set of arguments and hands out the same registry afterwards.
+
+pluggy, ``importlib.metadata`` and the plugins are imported by the first discovery, not with this
+module: the options name :class:`MethodRegistry`, and ``multifd --help`` reads the options.
 """
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import logging
 import re
 import threading
 import types
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import pluggy
-
-from . import hookspecs, nocomp
 from .errors import PluginConflictError, PluginError, PluginLoadError, UnknownMethodError
 from .methods import MultiFDMethod
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,7 @@ def _dist_name(dist: Any) -> str:
 
 def _api_problem(plugin: object) -> str | None:
     """What is wrong with the hook API version ``plugin`` declares, if anything."""
+    hookspecs = _hookspecs()
     declared = getattr(plugin, hookspecs.HOOK_API_ATTRIBUTE, hookspecs.OLDEST_HOOK_API)
     current = hookspecs.MULTIFD_HOOK_API
     if not isinstance(declared, int) or isinstance(declared, bool):
@@ -139,6 +142,13 @@ def _no_hook_problem(plugin: object) -> str:
     return "registers no hook: it has no @hookimpl multifd_methods function"
 
 
+def _hookspecs() -> ModuleType:
+    """The hook specifications (they import pluggy: only once plugins are looked at)."""
+    from . import hookspecs
+
+    return hookspecs
+
+
 def _names(info: MethodInfo) -> tuple[str, ...]:
     return (info.name, *info.cls.aliases)
 
@@ -147,6 +157,9 @@ class _Loader:
     """One discovery: the plugin manager, the registry it fills, and where each plugin came from."""
 
     def __init__(self, allow: Iterable[str] | None) -> None:
+        import pluggy
+
+        hookspecs = _hookspecs()
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.registry = MethodRegistry()
@@ -194,7 +207,9 @@ class _Loader:
         self.origin[name] = dist
 
     def register_entry_points(self) -> None:
-        for ep in md.entry_points(group=hookspecs.ENTRY_POINT_GROUP):
+        import importlib.metadata as md
+
+        for ep in md.entry_points(group=_hookspecs().ENTRY_POINT_GROUP):
             dist = _dist_name(ep.dist)
             where = f", entry point {ep.name} = {ep.value!r}"
             try:
@@ -309,6 +324,8 @@ def load_methods(
         cached = _cache.get(key)
         if cached is not None and not reload:
             return cached[0]
+        from . import nocomp
+
         loader = _Loader(allow)
         loader.register(nocomp, "nocomp", "multifd-core (built-in)")
         if entry_points:

@@ -9,10 +9,14 @@ imported only when its command runs.
 
 from __future__ import annotations
 
-from .bar import ProgressBar
+from typing import TYPE_CHECKING, Any
+
 from .dispatch import main
 from .output import human
 from .parser import build_parser, parse_address, parse_options, parse_size, parse_timeout
+
+if TYPE_CHECKING:
+    from .bar import ProgressBar
 
 __all__ = [
     "ProgressBar",
@@ -24,3 +28,14 @@ __all__ = [
     "parse_size",
     "parse_timeout",
 ]
+
+
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        """``ProgressBar``, imported on first use: it needs trio, which ``--help`` does not."""
+        if name == "ProgressBar":
+            from .bar import ProgressBar
+
+            return ProgressBar
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

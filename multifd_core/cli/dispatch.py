@@ -1,4 +1,8 @@
-"""Run one ``multifd`` command: parse, check, run its handler, report the result or the error."""
+"""Run one ``multifd`` command: parse, check, run its handler, report the result or the error.
+
+``multifd --help`` (and every command, before it runs) pays only for argparse and the options:
+trio, numpy, ssl, the plugins are imported by the commands that use them, when they run.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-import trio
-
-from ..boundary import library_errors
 from ..errors import ConfigError, MultiFDError
-from ..malloc import tune_malloc
 from .output import failed, logged_to_stderr, print_json
 from .parser import build_parser
 
@@ -49,6 +49,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--channels must be at least 1")
     if getattr(args, "rounds", 1) < 1:
         raise ConfigError("--rounds must be at least 1")
+    import trio  # the async commands' own imports: not for --help, plugins, new-plugin
+
+    from ..boundary import library_errors
+    from ..malloc import tune_malloc
+
     tune_malloc()
     with library_errors():  # demo runs both ends in one nursery: unwrap its group
         return cast(dict[str, Any], trio.run(handler, args))

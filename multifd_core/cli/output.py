@@ -12,10 +12,12 @@ import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MultiFDError
-from ..stats import MigrationStats
+
+if TYPE_CHECKING:
+    from ..stats import MigrationStats
 
 
 def shown(text: object) -> str:

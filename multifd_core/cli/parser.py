@@ -178,6 +178,18 @@ def _return_path(p: argparse.ArgumentParser, *, default: bool, peer: str) -> Non
     )
 
 
+def _integrity(p: argparse.ArgumentParser, *, peer: str) -> None:
+    """--no-integrity, for the commands that send to a destination of ours (demo, send)."""
+    p.add_argument(
+        "--no-integrity",
+        dest="integrity",
+        action="store_false",
+        default=SourceOptions.integrity,
+        help=f"send no packet checksums (default: every packet carries one, which {peer} "
+        "checks after the pages landed)",
+    )
+
+
 def _verify(p: argparse.ArgumentParser, *, send: bool) -> None:
     """--verify on send and recv: content digests after the last round (SourceOptions.verify)."""
     p.add_argument(
@@ -228,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="precopy rounds (default 3)")
     p.add_argument("--seed", type=int, default=0)
     _zero_pages(p)
+    _integrity(p, peer="the destination")
 
     p = sub.add_parser("send", help="migrate files (one block each) to a `multifd recv`")
     _common(p)
@@ -238,14 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _zero_pages(p)
     # on: every `multifd recv` of this version answers it; --no-return-path for an older one
     _return_path(p, default=True, peer="`multifd recv`")
-    p.add_argument(
-        "--no-integrity",
-        dest="integrity",
-        action="store_false",
-        default=SourceOptions.integrity,
-        help="send no packet checksums (default: every packet carries one, which `multifd "
-        "recv` checks after the pages landed)",
-    )
+    _integrity(p, peer="`multifd recv`")
     _verify(p, send=True)
     p.add_argument(
         "--packet-size",
