@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -51,3 +52,37 @@ def test_tuned_allocator_stops_refaulting_packet_buffers() -> None:
 def test_a_user_allocator_setting_is_left_alone(monkeypatch) -> None:
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
     assert tune_malloc() is False
+
+
+# tune_process, in a fresh interpreter each (it changes the process: env, gc, allocator)
+TUNE = """
+import gc, os, sys
+from multifd_core.malloc import GC_THRESHOLD, tune_process
+tune_process()
+import numpy  # after: its OpenBLAS reads the variable at load
+print(os.environ.get("OPENBLAS_NUM_THREADS"), gc.get_threshold()[0] == GC_THRESHOLD,
+      gc.get_freeze_count() > 1000, len(os.listdir("/proc/self/task")))
+"""
+
+
+def run_tune(env: dict[str, str]) -> list[str]:
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", TUNE],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.split()
+
+
+def test_tune_process_keeps_openblas_to_one_thread_and_the_collector_out_of_the_way() -> None:
+    blas, threshold, frozen, threads = run_tune({})
+    assert (blas, threshold, frozen) == ("1", "True", "True")
+    assert int(threads) == 1  # the OS threads: no OpenBLAS thread beside the main one
+    # a user's own setting stands: OpenBLAS then starts its one more thread
+    blas, _, _, threads = run_tune({"OPENBLAS_NUM_THREADS": "2"})
+    assert blas == "2" and int(threads) == 2

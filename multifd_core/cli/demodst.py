@@ -32,7 +32,7 @@ import trio
 from .. import open_destination
 from ..boundary import library_errors
 from ..integrity import digest_blocks
-from ..malloc import tune_malloc
+from ..malloc import tune_process
 from .ends import acceptor, destination_options
 from .output import logged_to_stderr
 
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(argv) != 1:
             raise ValueError("usage: python -m multifd_core.cli.demodst CONFIG (JSON)")
         args = argparse.Namespace(**json.loads(argv[0]))
-        tune_malloc()
+        tune_process()  # OPENBLAS_NUM_THREADS: set by the demo before numpy loaded here
         with logged_to_stderr("demo"), library_errors():
             report = trio.run(serve, args)
     except KeyboardInterrupt:

@@ -42,19 +42,20 @@ def _handler(command: str) -> Handler:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    handler = _handler(args.command)
     if args.command in SYNC_COMMANDS:
-        return cast(dict[str, Any], handler(args))
+        return cast(dict[str, Any], _handler(args.command)(args))
     if args.channels < 1:
         raise ConfigError("--channels must be at least 1")
     if getattr(args, "rounds", 1) < 1:
         raise ConfigError("--rounds must be at least 1")
+    from ..malloc import tune_process
+
+    tune_process()  # before numpy's first import (its OpenBLAS threads)
+    handler = _handler(args.command)
     import trio  # the async commands' own imports: not for --help, plugins, new-plugin
 
     from ..boundary import library_errors
-    from ..malloc import tune_malloc
 
-    tune_malloc()
     with library_errors():  # demo runs both ends in one nursery: unwrap its group
         return cast(dict[str, Any], trio.run(handler, args))
 
