@@ -100,7 +100,11 @@ async def produce_windows(
             normal, zero = await trio.to_thread.run_sync(
                 classify_block, block, words, bitmap, start, stop, detect_zero
             )
-            await send.send((start, stop, normal, zero))
+            try:
+                await send.send((start, stop, normal, zero))
+            except trio.BrokenResourceError:
+                return  # the consumer is gone (its round failed or was cancelled): its error
+                # is the one that tells; this would only hide it in a traceback
 
 
 __all__ = [

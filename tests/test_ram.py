@@ -93,6 +93,24 @@ async def test_produce_windows_in_order() -> None:
     assert got == [off // PS for off in iter_dirty(bitmap, PS)]
 
 
+async def test_produce_windows_ends_quietly_when_its_consumer_is_gone() -> None:
+    """The consumer closed its end (its round failed or was cancelled) while a window was
+    being classified: the producer ends without an error of its own (a BrokenResourceError
+    would surface beside, or instead of, the error that tells what happened)."""
+    import trio
+
+    from multifd_core.scan import produce_windows
+
+    b, bitmap = _dirty_image_block("bytearray")
+    send, recv = trio.open_memory_channel(0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce_windows, b, bitmap, send, 7)
+        await recv.receive()  # one window, then the consumer goes away
+        await recv.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        send.send_nowait((0, 0, None, None))  # the producer closed its end on the way out
+
+
 def _rss_kib() -> int:
     with open("/proc/self/smaps_rollup") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("Rss:"))
