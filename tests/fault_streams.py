@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -27,6 +28,20 @@ class PassThroughStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class Recorder(PassThroughStream):
+    """Passes everything on and keeps every byte sent on the connection in a new bytearray
+    appended to ``into``."""
+
+    def __init__(self, inner: Any, into: list[bytearray]) -> None:
+        super().__init__(inner)
+        self.data = bytearray()
+        into.append(self.data)
+
+    async def send_all(self, data: Any) -> None:
+        self.data += data
+        await self.inner.send_all(data)
 
 
 class DyingStream(PassThroughStream):

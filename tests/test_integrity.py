@@ -24,7 +24,7 @@ import pytest
 import trio
 import xxhash
 from broken_methods import FlipMethod, ShortMethod
-from fault_streams import PassThroughStream, counting
+from fault_streams import Recorder, counting
 from procs import cli_pair
 
 from multifd_core import RAMBlock, SourceOptions, open_tcp_acceptor, tcp_connector
@@ -126,19 +126,6 @@ def test_packet_checksum_rule() -> None:
     PacketCheck(memoryview(sync), 0, 10, None)(())
     with pytest.raises(IntegrityError, match="its header as written"):
         PacketCheck(memoryview(sync[:30] + b"\1" + sync[31:]), 0, 10, None)(())
-
-
-class Recorder(PassThroughStream):
-    """Keeps every byte the source sends on the connection."""
-
-    def __init__(self, inner: Any, into: list[bytearray]) -> None:
-        super().__init__(inner)
-        self.data = bytearray()
-        into.append(self.data)
-
-    async def send_all(self, data: Any) -> None:
-        self.data += data
-        await self.inner.send_all(data)
 
 
 async def test_integrity_off_sends_qemus_bytes_and_on_only_the_reserved_ones() -> None:

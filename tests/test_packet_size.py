@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fault_streams import PassThroughStream, counting
+from fault_streams import Recorder, counting
 
 from multifd_core import RAMBlock, SourceOptions
 from multifd_core.errors import BadPagesAlloc, ConfigError, LimitExceeded
@@ -33,19 +33,6 @@ from multifd_core.wire import (
 )
 
 PS = 4096
-
-
-class Recorder(PassThroughStream):
-    """Keeps every byte the source sends on the connection."""
-
-    def __init__(self, inner: Any, into: list[bytearray]) -> None:
-        super().__init__(inner)
-        self.data = bytearray()
-        into.append(self.data)
-
-    async def send_all(self, data: Any) -> None:
-        self.data += data
-        await self.inner.send_all(data)
 
 
 def packets(chan: bytearray, pages: int) -> list[tuple[int, int, int]]:
